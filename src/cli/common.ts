@@ -1,0 +1,73 @@
+/** Shared CLI plumbing: one-line errors and exit codes, size parsing and formatting. */
+import { isUserFacing, UsageError } from '../errors';
+import { configureLogging, log, LOG_LEVELS, type LogLevel } from '../log';
+
+export const EXIT_OK = 0;
+/** The operation failed (bad image, cannot mount, I/O error). */
+export const EXIT_FAILURE = 1;
+/** Wrong arguments. */
+export const EXIT_USAGE = 2;
+
+export interface GlobalArgs {
+  'log-level'?: string;
+  'log-json'?: boolean;
+  'log-file'?: string;
+}
+
+export function setupLogging(argv: GlobalArgs): void {
+  const level = (argv['log-level'] ?? 'warn') as LogLevel;
+  if (!LOG_LEVELS.includes(level)) throw new UsageError(`--log-level ${level}: expected one of ${LOG_LEVELS.join(', ')}`);
+  configureLogging({ level, json: !!argv['log-json'], ...(argv['log-file'] ? { file: argv['log-file'] } : {}) });
+}
+
+/** Prints one line for the user; the stack only with --log-level debug. */
+export function reportError(err: unknown): number {
+  if (isUserFacing(err)) {
+    process.stderr.write(`qcow2fs: ${err.message}\n`);
+    log.debug({ stack: (err as Error).stack }, 'error details');
+    return err instanceof UsageError ? EXIT_USAGE : EXIT_FAILURE;
+  }
+  const msg = err instanceof Error ? err.message : String(err);
+  process.stderr.write(`qcow2fs: error: ${msg.split('\n')[0]}\n`);
+  log.debug({ stack: err instanceof Error ? err.stack : undefined }, 'error details');
+  return EXIT_FAILURE;
+}
+
+/** Runs a command handler: any error becomes a one-line message and a non-zero exit. */
+export function runCommand<A extends GlobalArgs>(fn: (argv: A) => Promise<number | void>): (argv: A) => Promise<void> {
+  return async (argv: A) => {
+    let code: number;
+    try {
+      setupLogging(argv);
+      code = (await fn(argv)) ?? EXIT_OK;
+    } catch (err) {
+      code = reportError(err);
+    }
+    process.exitCode = code;
+  };
+}
+
+const UNITS: Record<string, number> = { '': 1, B: 1, K: 1024, M: 1024 ** 2, G: 1024 ** 3, T: 1024 ** 4, P: 1024 ** 5, E: 1024 ** 6 };
+
+/** Parses "10G", "512M", "1.5T", "4096" (qemu-img's suffixes are powers of 1024). */
+export function parseSize(text: string, what = 'size'): number {
+  const m = /^\s*(\d+(?:\.\d+)?)\s*([bBkKmMgGtTpPeE]?)(?:i?[bB])?\s*$/.exec(text);
+  if (!m) throw new UsageError(`${what} "${text}": expected a number with an optional K, M, G, T suffix`);
+  const value = Number(m[1]) * UNITS[m[2]!.toUpperCase()]!;
+  if (!Number.isFinite(value) || value > Number.MAX_SAFE_INTEGER) throw new UsageError(`${what} "${text}" is too large`);
+  return Math.floor(value);
+}
+
+/** "1 GiB", "1.5 MiB", "512 B", as qemu-img prints sizes. */
+export function formatSize(bytes: number): string {
+  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB', 'EiB'];
+  let v = bytes;
+  let i = 0;
+  while (v >= 1024 && i < units.length - 1) {
+    v /= 1024;
+    i++;
+  }
+  if (i === 0) return `${bytes} B`;
+  const s = v >= 100 ? v.toFixed(0) : v >= 10 ? v.toFixed(1) : v.toFixed(2);
+  return `${s.replace(/\.?0+$/, '')} ${units[i]}`;
+}

@@ -1,0 +1,90 @@
+// Types for the parts of fuse-native (which ships none) that qcow2fs uses.
+declare module 'fuse-native' {
+  namespace Fuse {
+  type Cb<T extends unknown[] = []> = (err: number, ...rest: T) => void;
+  interface FuseStat {
+    mode: number;
+    uid: number;
+    gid: number;
+    size: number;
+    nlink?: number;
+    ino?: number;
+    blksize?: number;
+    blocks?: number;
+    atime: Date | number;
+    mtime: Date | number;
+    ctime: Date | number;
+  }
+  interface FuseStatfs {
+    bsize: number;
+    frsize: number;
+    blocks: number;
+    bfree: number;
+    bavail: number;
+    files: number;
+    ffree: number;
+    favail: number;
+    fsid: number;
+    flag: number;
+    namemax: number;
+  }
+  interface FuseOps {
+    init?(cb: Cb): void;
+    getattr?(path: string, cb: Cb<[FuseStat?]>): void;
+    fgetattr?(path: string, fd: number, cb: Cb<[FuseStat?]>): void;
+    readdir?(path: string, cb: Cb<[string[]?, FuseStat[]?]>): void;
+    open?(path: string, flags: number, cb: Cb<[number?]>): void;
+    release?(path: string, fd: number, cb: Cb): void;
+    read?(path: string, fd: number, buf: Buffer, len: number, pos: number, cb: (n: number) => void): void;
+    write?(path: string, fd: number, buf: Buffer, len: number, pos: number, cb: (n: number) => void): void;
+    flush?(path: string, fd: number, cb: Cb): void;
+    fsync?(path: string, datasync: boolean, fd: number, cb: Cb): void;
+    truncate?(path: string, size: number, cb: Cb): void;
+    ftruncate?(path: string, fd: number, size: number, cb: Cb): void;
+    statfs?(path: string, cb: Cb<[FuseStatfs?]>): void;
+    utimens?(path: string, atime: number, mtime: number, cb: Cb): void;
+    chmod?(path: string, mode: number, cb: Cb): void;
+    chown?(path: string, uid: number, gid: number, cb: Cb): void;
+    access?(path: string, mode: number, cb: Cb): void;
+    create?(path: string, mode: number, cb: Cb<[number?]>): void;
+    unlink?(path: string, cb: Cb): void;
+  }
+  interface FuseOptions {
+    fsname?: string;
+    subtype?: string;
+    allowOther?: boolean;
+    defaultPermissions?: boolean;
+    kernelCache?: boolean;
+    maxRead?: number;
+    timeout?: number | false;
+    force?: boolean;
+    mkdir?: boolean;
+    debug?: boolean;
+  }
+  }
+  class Fuse {
+    constructor(mnt: string, ops: FuseOps, opts?: FuseOptions);
+    readonly mnt: string;
+    mount(cb: (err: Error | null) => void): void;
+    unmount(cb: (err: Error | null) => void): void;
+    protected _fuseOptions(): string;
+    static unmount(mnt: string, cb: (err: Error | null) => void): void;
+    static readonly EPERM: number;
+    static readonly ENOENT: number;
+    static readonly EIO: number;
+    static readonly EBADF: number;
+    static readonly EACCES: number;
+    static readonly EBUSY: number;
+    static readonly EEXIST: number;
+    static readonly ENOTDIR: number;
+    static readonly EISDIR: number;
+    static readonly EINVAL: number;
+    static readonly EFBIG: number;
+    static readonly ENOSPC: number;
+    static readonly EROFS: number;
+    static readonly ENOSYS: number;
+    static readonly EOPNOTSUPP: number;
+    static readonly ENOTCONN: number;
+  }
+  export = Fuse;
+}

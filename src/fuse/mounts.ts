@@ -1,0 +1,76 @@
+/** Reading the kernel's mount table (/proc/self/mountinfo) and finding our daemons in /proc. */
+import * as fs from 'node:fs';
+
+export interface MountEntry {
+  mountpoint: string;
+  fstype: string;
+  source: string;
+}
+
+/** Undoes the octal escapes (\040 for space ...) of mountinfo fields. */
+function unescape(s: string): string {
+  return s.replace(/\\([0-7]{3})/g, (_, o: string) => String.fromCharCode(parseInt(o, 8)));
+}
+
+export function listMounts(): MountEntry[] {
+  const text = fs.readFileSync('/proc/self/mountinfo', 'utf8');
+  const out: MountEntry[] = [];
+  for (const line of text.split('\n')) {
+    if (!line) continue;
+    const sep = line.indexOf(' - ');
+    if (sep < 0) continue;
+    const left = line.slice(0, sep).split(' ');
+    const right = line.slice(sep + 3).split(' ');
+    out.push({ mountpoint: unescape(left[4] ?? ''), fstype: right[0] ?? '', source: unescape(right[1] ?? '') });
+  }
+  return out;
+}
+
+export function findMount(mountpoint: string): MountEntry | undefined {
+  // The last entry wins: mounts stack.
+  return listMounts()
+    .filter((m) => m.mountpoint === mountpoint)
+    .pop();
+}
+
+/** True when stat(2) of the path fails with ENOTCONN: a FUSE mount whose daemon is gone. */
+export function isStaleFuseMount(mountpoint: string): boolean {
+  try {
+    fs.statSync(mountpoint);
+    return false;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'ENOTCONN';
+  }
+}
+
+/** PIDs of qcow2fs daemons serving `mountpoint` (found by their command line). */
+export function findDaemons(mountpoint: string): number[] {
+  const pids: number[] = [];
+  for (const name of fs.readdirSync('/proc')) {
+    if (!/^\d+$/.test(name)) continue;
+    const pid = Number(name);
+    if (pid === process.pid) continue;
+    let argv: string[];
+    try {
+      argv = fs.readFileSync(`/proc/${name}/cmdline`, 'utf8').split('\0');
+    } catch {
+      continue;
+    }
+    if (!argv.includes('--daemon-of') ) continue;
+    const i = argv.indexOf('--daemon-of');
+    if (argv[i + 1] === mountpoint) pids.push(pid);
+  }
+  return pids;
+}
+
+export function processAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    // A zombie still answers kill(0); look at its state.
+    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const state = stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3);
+    return state !== 'Z';
+  } catch {
+    return false;
+  }
+}

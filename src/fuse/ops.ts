@@ -1,0 +1,191 @@
+/**
+ * FUSE operations mapped onto the layout's BlockDevices. Errors from the engine become errno
+ * values: ReadOnlyError -> EROFS, anything else -> EIO (logged once per distinct message, so a
+ * corrupt L2 entry read in a loop does not flood the log). The daemon never dies of a bad request.
+ */
+import Fuse from 'fuse-native';
+import { ReadOnlyError } from '../errors';
+import type { BlockDevice } from '../image/blockdev';
+import { log } from '../log';
+import type { Layout, LayoutNode } from './layout';
+
+const O_ACCMODE = 3;
+const O_RDONLY = 0;
+const S_IFDIR = 0o040000;
+const S_IFREG = 0o100000;
+const MAX_LOGGED_ERRORS = 1000;
+
+export interface OpsOptions {
+  readOnly: boolean;
+}
+
+/** Live counters the lifecycle looks at (a lazily unmounted filesystem ends when the last file closes). */
+export interface OpsState {
+  openHandles: number;
+}
+
+export function makeOps(layout: Layout, opts: OpsOptions, state: OpsState = { openHandles: 0 }): Fuse.FuseOps {
+  const logged = new Set<string>();
+  const allocatedCache = new Map<BlockDevice, { at: number; bytes: number }>();
+
+  function errno(err: unknown, op: string, path: string): number {
+    if (err instanceof ReadOnlyError) return Fuse.EROFS;
+    const msg = err instanceof Error ? err.message : String(err);
+    if (!logged.has(msg) && logged.size < MAX_LOGGED_ERRORS) {
+      logged.add(msg);
+      log.error({ op, path }, msg);
+    }
+    return Fuse.EIO;
+  }
+
+  async function blocksOf(dev: BlockDevice): Promise<number> {
+    const now = Date.now();
+    const c = allocatedCache.get(dev);
+    if (c && now - c.at < 1000) return c.bytes / 512;
+    const bytes = await dev.allocatedBytes();
+    allocatedCache.set(dev, { at: now, bytes });
+    return bytes / 512;
+  }
+
+  async function statOf(node: LayoutNode): Promise<Fuse.FuseStat> {
+    const { mtime, atime, ctime, uid, gid } = node.meta;
+    if (node.kind === 'dir') {
+      return { mode: S_IFDIR | (opts.readOnly ? 0o555 : 0o755), nlink: 2, size: 4096, uid, gid, mtime, atime, ctime };
+    }
+    if (node.kind === 'file') {
+      return { mode: S_IFREG | 0o444, nlink: 1, size: node.content.length, blocks: Math.ceil(node.content.length / 512), uid, gid, mtime, atime, ctime };
+    }
+    const dev = node.device;
+    return {
+      mode: S_IFREG | (dev.readOnly ? 0o444 : 0o644),
+      nlink: 1,
+      size: dev.size,
+      blksize: 4096,
+      blocks: await blocksOf(dev),
+      uid,
+      gid,
+      mtime,
+      atime,
+      ctime,
+    };
+  }
+
+  function device(path: string): BlockDevice | undefined {
+    const n = layout.lookup(path);
+    return n?.kind === 'device' ? n.device : undefined;
+  }
+
+  let nextHandle = 1;
+
+  return {
+    getattr(path, cb) {
+      const node = layout.lookup(path);
+      if (!node) return cb(Fuse.ENOENT);
+      statOf(node).then(
+        (st) => cb(0, st),
+        (err) => cb(errno(err, 'getattr', path)),
+      );
+    },
+    readdir(path, cb) {
+      const node = layout.lookup(path);
+      if (!node) return cb(Fuse.ENOENT);
+      if (node.kind !== 'dir') return cb(Fuse.ENOTDIR);
+      cb(0, ['.', '..', ...node.children.keys()]);
+    },
+    open(path, flags, cb) {
+      const node = layout.lookup(path);
+      if (!node) return cb(Fuse.ENOENT);
+      if (node.kind === 'dir') return cb(Fuse.EISDIR);
+      const writable = (flags & O_ACCMODE) !== O_RDONLY;
+      if (writable && (node.kind === 'file' || node.device.readOnly)) return cb(Fuse.EROFS);
+      state.openHandles++;
+      cb(0, nextHandle++);
+    },
+    release(_path, _fd, cb) {
+      state.openHandles = Math.max(0, state.openHandles - 1);
+      cb(0);
+    },
+    read(path, _fd, buf, len, pos, cb) {
+      const node = layout.lookup(path);
+      if (!node || node.kind === 'dir') return cb(Fuse.ENOENT);
+      if (node.kind === 'file') {
+        const n = Math.max(0, Math.min(len, node.content.length - pos));
+        if (n > 0) node.content.copy(buf, 0, pos, pos + n);
+        return cb(n);
+      }
+      const dev = node.device;
+      const n = Math.max(0, Math.min(len, dev.size - pos));
+      if (n === 0) return cb(0);
+      dev.read(buf.subarray(0, n), pos).then(
+        () => cb(n),
+        (err) => cb(errno(err, 'read', path)),
+      );
+    },
+    write(path, _fd, buf, len, pos, cb) {
+      const dev = device(path);
+      if (!dev) return cb(Fuse.EROFS);
+      if (dev.readOnly) return cb(Fuse.EROFS);
+      if (pos >= dev.size) return cb(Fuse.ENOSPC);
+      const n = Math.min(len, dev.size - pos);
+      dev.write(buf.subarray(0, n), pos).then(
+        () => {
+          const node = layout.lookup(path);
+          if (node) node.meta.mtime = node.meta.ctime = new Date();
+          cb(n);
+        },
+        (err) => cb(errno(err, 'write', path)),
+      );
+    },
+    flush(path, _fd, cb) {
+      // close(2) of a writer: make what it wrote durable, as fsync would.
+      const dev = device(path);
+      if (!dev || dev.readOnly) return cb(0);
+      dev.flush().then(
+        () => cb(0),
+        (err) => cb(errno(err, 'flush', path)),
+      );
+    },
+    fsync(path, _datasync, _fd, cb) {
+      const dev = device(path);
+      if (!dev || dev.readOnly) return cb(0);
+      dev.flush().then(
+        () => cb(0),
+        (err) => cb(errno(err, 'fsync', path)),
+      );
+    },
+    truncate(path, size, cb) {
+      const node = layout.lookup(path);
+      if (!node) return cb(Fuse.ENOENT);
+      if (node.kind !== 'device' || node.device.readOnly) return cb(Fuse.EROFS);
+      if (size === node.device.size) return cb(0);
+      return cb(Fuse.EINVAL);
+    },
+    ftruncate(path, _fd, size, cb) {
+      const node = layout.lookup(path);
+      if (!node) return cb(Fuse.ENOENT);
+      if (node.kind !== 'device' || node.device.readOnly) return cb(Fuse.EROFS);
+      if (size === node.device.size) return cb(0);
+      return cb(Fuse.EINVAL);
+    },
+    utimens(path, _atime, _mtime, cb) {
+      cb(layout.lookup(path) ? 0 : Fuse.ENOENT);
+    },
+    chmod(_path, _mode, cb) {
+      cb(Fuse.EPERM);
+    },
+    chown(_path, _uid, _gid, cb) {
+      cb(Fuse.EPERM);
+    },
+    create(_path, _mode, cb) {
+      cb(opts.readOnly ? Fuse.EROFS : Fuse.EPERM);
+    },
+    unlink(_path, cb) {
+      cb(opts.readOnly ? Fuse.EROFS : Fuse.EPERM);
+    },
+    statfs(_path, cb) {
+      const total = layout.devices().reduce((s, d) => s + d.size, 0);
+      const blocks = Math.min(Math.ceil(total / 4096), 0xffffffff);
+      cb(0, { bsize: 4096, frsize: 4096, blocks, bfree: 0, bavail: 0, files: 16, ffree: 0, favail: 0, fsid: 0, flag: 0, namemax: 255 });
+    },
+  };
+}

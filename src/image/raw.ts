@@ -1,0 +1,56 @@
+/** A raw image file as a BlockDevice: guest offset = file offset. */
+import type { BlockDevice, Extent } from './blockdev';
+import { checkRange } from './blockdev';
+import { ReadOnlyError } from '../errors';
+import type { HostFile } from '../io/file';
+
+export class RawImage implements BlockDevice {
+  readonly description: string;
+  private constructor(
+    readonly file: HostFile,
+    public size: number,
+  ) {
+    this.description = file.path;
+  }
+
+  static async open(file: HostFile): Promise<RawImage> {
+    return new RawImage(file, await file.size());
+  }
+
+  get readOnly(): boolean {
+    return this.file.readOnly;
+  }
+
+  async read(buf: Uint8Array, offset: number): Promise<void> {
+    checkRange(this, offset, buf.length);
+    await this.file.pread(buf, offset);
+  }
+
+  async write(buf: Uint8Array, offset: number): Promise<void> {
+    if (this.readOnly) throw new ReadOnlyError(`${this.description} is read-only`);
+    checkRange(this, offset, buf.length);
+    await this.file.pwrite(buf, offset);
+  }
+
+  async discard(offset: number, length: number): Promise<void> {
+    if (this.readOnly) throw new ReadOnlyError(`${this.description} is read-only`);
+    checkRange(this, offset, length);
+  }
+
+  flush(): Promise<void> {
+    return this.file.flush();
+  }
+
+  async status(offset: number, length: number): Promise<Extent[]> {
+    checkRange(this, offset, length);
+    return [{ offset, length, kind: 'data', depth: 0, hostOffset: offset }];
+  }
+
+  async allocatedBytes(): Promise<number> {
+    return (await this.file.stat()).blocks * 512;
+  }
+
+  close(): Promise<void> {
+    return this.file.close();
+  }
+}

@@ -1,0 +1,103 @@
+/**
+ * Positional I/O on a file descriptor. Everything the engines read or write goes through the
+ * HostFile interface, so tests can interpose (e.g. to record writes and flush barriers for
+ * crash-state replay) without the engines knowing.
+ */
+import * as fs from 'node:fs';
+
+export interface HostFile {
+  readonly path: string;
+  readonly readOnly: boolean;
+  /** Reads exactly buf.length bytes at `offset`; bytes past end of file read as zeros. Returns bytes really read. */
+  pread(buf: Uint8Array, offset: number): Promise<number>;
+  /** Writes all of buf at `offset`. */
+  pwrite(buf: Uint8Array, offset: number): Promise<void>;
+  /** Makes every completed write durable (fdatasync). A barrier for crash ordering. */
+  flush(): Promise<void>;
+  /** Current file length in bytes. */
+  size(): Promise<number>;
+  truncate(sizeBytes: number): Promise<void>;
+  stat(): Promise<fs.Stats>;
+  close(): Promise<void>;
+  readonly fd: number;
+}
+
+function readOnce(fd: number, buf: Uint8Array, off: number, len: number, pos: number): Promise<number> {
+  return new Promise((resolve, reject) => {
+    fs.read(fd, buf, off, len, pos, (err, n) => (err ? reject(err) : resolve(n)));
+  });
+}
+
+function writeOnce(fd: number, buf: Uint8Array, off: number, len: number, pos: number): Promise<number> {
+  return new Promise((resolve, reject) => {
+    fs.write(fd, buf, off, len, pos, (err, n) => (err ? reject(err) : resolve(n)));
+  });
+}
+
+export class FdFile implements HostFile {
+  private closed = false;
+  private constructor(
+    readonly path: string,
+    readonly fd: number,
+    readonly readOnly: boolean,
+  ) {}
+
+  /** Opens `path`; read-only means O_RDONLY, so nothing can ever be written through it. */
+  static async open(path: string, readOnly: boolean): Promise<FdFile> {
+    const flags = readOnly ? fs.constants.O_RDONLY : fs.constants.O_RDWR;
+    const fd = await new Promise<number>((resolve, reject) =>
+      fs.open(path, flags, (err, fd) => (err ? reject(err) : resolve(fd))),
+    );
+    return new FdFile(path, fd, readOnly);
+  }
+
+  static async create(path: string, exclusive = true): Promise<FdFile> {
+    const flags = fs.constants.O_RDWR | fs.constants.O_CREAT | (exclusive ? fs.constants.O_EXCL : fs.constants.O_TRUNC);
+    const fd = await new Promise<number>((resolve, reject) =>
+      fs.open(path, flags, 0o644, (err, fd) => (err ? reject(err) : resolve(fd))),
+    );
+    return new FdFile(path, fd, false);
+  }
+
+  async pread(buf: Uint8Array, offset: number): Promise<number> {
+    let done = 0;
+    while (done < buf.length) {
+      const n = await readOnce(this.fd, buf, done, buf.length - done, offset + done);
+      if (n === 0) break;
+      done += n;
+    }
+    if (done < buf.length) buf.fill(0, done);
+    return done;
+  }
+
+  async pwrite(buf: Uint8Array, offset: number): Promise<void> {
+    if (this.readOnly) throw new Error(`${this.path}: internal error: write on a read-only file`);
+    let done = 0;
+    while (done < buf.length) {
+      done += await writeOnce(this.fd, buf, done, buf.length - done, offset + done);
+    }
+  }
+
+  flush(): Promise<void> {
+    if (this.readOnly) return Promise.resolve();
+    return new Promise((resolve, reject) => fs.fdatasync(this.fd, (err) => (err ? reject(err) : resolve())));
+  }
+
+  async size(): Promise<number> {
+    return (await this.stat()).size;
+  }
+
+  stat(): Promise<fs.Stats> {
+    return new Promise((resolve, reject) => fs.fstat(this.fd, (err, st) => (err ? reject(err) : resolve(st))));
+  }
+
+  truncate(sizeBytes: number): Promise<void> {
+    return new Promise((resolve, reject) => fs.ftruncate(this.fd, sizeBytes, (err) => (err ? reject(err) : resolve())));
+  }
+
+  close(): Promise<void> {
+    if (this.closed) return Promise.resolve();
+    this.closed = true;
+    return new Promise((resolve, reject) => fs.close(this.fd, (err) => (err ? reject(err) : resolve())));
+  }
+}

@@ -1,0 +1,308 @@
+/**
+ * A qcow2 image as a BlockDevice (QEMU's qcow2.c: open and the read path). The active layer or,
+ * with `snapshot`, a read-only view through a snapshot's L1 table. Unallocated ranges come from
+ * the backing device, or read as zeros.
+ */
+import type { BlockDevice, Extent } from '../image/blockdev';
+import { checkRange } from '../image/blockdev';
+import { CorruptionError, ImageError, ReadOnlyError } from '../errors';
+import type { HostFile } from '../io/file';
+import { log } from '../log';
+import { TableCache } from './cache';
+import { ClusterMapper, type L1Table, type Mapping, type MetadataRegions } from './cluster';
+import { DecompressError, decompressCluster } from './codec';
+import { decodeHeader, geometryOf, HEADER_PROBE_BYTES, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, rangesOverlap, type Geometry, type Qcow2Header } from './header';
+import { entryOffset, OFLAG_COPIED_HI } from './l2';
+import { decodeSnapshotTable, type SnapshotEntry } from './snapshot';
+
+export interface Qcow2OpenOptions {
+  readOnly: boolean;
+  /** The device unallocated clusters read from; null reads them as zeros. */
+  backing: BlockDevice | null;
+  /** Bytes of L2 tables to cache (like QEMU's l2-cache-size). */
+  l2CacheBytes?: number;
+  /** Serve this internal snapshot instead of the active layer (read-only). */
+  snapshot?: SnapshotEntry;
+}
+
+export const DEFAULT_L2_CACHE_BYTES = 32 * 1024 * 1024;
+const DECOMPRESSED_CACHE_BYTES = 16 * 1024 * 1024;
+
+interface Region {
+  offset: number;
+  length: number;
+  what: string;
+}
+
+export class Qcow2Image implements BlockDevice {
+  readonly size: number;
+  readonly readOnly: boolean;
+  readonly description: string;
+  readonly geometry: Geometry;
+  readonly l1: L1Table;
+  private readonly mapper: ClusterMapper;
+  private readonly l2Cache: TableCache;
+  private readonly decompressed: TableCache;
+  private fileSizeBytes: number;
+  private readonly regions: Region[];
+  private closed = false;
+
+  private constructor(
+    readonly file: HostFile,
+    readonly header: Qcow2Header,
+    readonly snapshots: SnapshotEntry[],
+    l1: L1Table,
+    fileSize: number,
+    regions: Region[],
+    readonly backing: BlockDevice | null,
+    opts: Qcow2OpenOptions,
+  ) {
+    this.geometry = geometryOf(header);
+    this.l1 = l1;
+    this.fileSizeBytes = fileSize;
+    this.regions = regions;
+    this.readOnly = opts.readOnly || opts.snapshot !== undefined;
+    this.size = opts.snapshot?.diskSizeBytes ?? header.sizeBytes;
+    this.description = file.path + (opts.snapshot ? ` (snapshot ${opts.snapshot.name})` : '');
+    const clusterSize = this.geometry.clusterSize;
+    this.l2Cache = new TableCache(Math.max(opts.l2CacheBytes ?? DEFAULT_L2_CACHE_BYTES, 4 * clusterSize), (off) => this.loadTable(off));
+    this.decompressed = new TableCache(Math.max(DECOMPRESSED_CACHE_BYTES, 4 * clusterSize), () => Promise.reject(new Error('internal: no loader')));
+    const metadata: MetadataRegions = {
+      fileSize: () => this.fileSizeBytes,
+      overlaps: (offset, length) => this.overlappingRegion(offset, length),
+    };
+    this.mapper = new ClusterMapper(this.geometry, this.l2Cache, metadata, file.path);
+  }
+
+  static async open(file: HostFile, opts: Qcow2OpenOptions, known?: { header: Qcow2Header; fileSize: number }): Promise<Qcow2Image> {
+    const { header, fileSize } = known ?? (await readHeader(file));
+    const g = geometryOf(header);
+    const cs = g.clusterSize;
+    const roundUp = (n: number): number => Math.ceil(n / cs) * cs;
+
+    const headerEnd = Math.max(header.extensionsEnd, header.backingFileOffset + header.backingFileSize, header.headerLength);
+    const regions: Region[] = [
+      { offset: 0, length: roundUp(headerEnd), what: 'image header' },
+      { offset: header.refcountTableOffset, length: header.refcountTableClusters * cs, what: 'refcount table' },
+    ];
+    if (header.l1Size > 0) regions.push({ offset: header.l1TableOffset, length: roundUp(header.l1Size * 8), what: 'L1 table' });
+
+    let snapshots: SnapshotEntry[] = [];
+    if (header.nbSnapshots > 0) {
+      const want = Math.min(fileSize - header.snapshotsOffset, 64 * 1024 * 1024);
+      const table = Buffer.alloc(want);
+      await file.pread(table, header.snapshotsOffset);
+      const decoded = decodeSnapshotTable(table, header.nbSnapshots, { version: header.version, clusterSize: cs, fileSize });
+      snapshots = decoded.entries;
+      const snapRegion = { offset: header.snapshotsOffset, length: roundUp(decoded.tableBytes), what: 'snapshot table' };
+      for (const r of regions) {
+        if (rangesOverlap(snapRegion.offset, snapRegion.length, r.offset, r.length)) {
+          throw new ImageError(`snapshots_offset 0x${header.snapshotsOffset.toString(16)} overlaps the ${r.what}`, file.path);
+        }
+      }
+      regions.push(snapRegion);
+    }
+
+    let l1Offset = header.l1TableOffset;
+    let l1Size = header.l1Size;
+    if (opts.snapshot) {
+      l1Offset = opts.snapshot.l1TableOffset;
+      l1Size = opts.snapshot.l1Size;
+      const needed = Math.ceil((opts.snapshot.diskSizeBytes ?? header.sizeBytes) / (cs * g.l2Entries));
+      if (l1Size < needed) throw new ImageError(`snapshot ${opts.snapshot.name}: l1_size ${l1Size} is too small for its disk size`, file.path);
+    }
+    const l1 = await readL1(file, l1Offset, l1Size, cs, fileSize, regions, opts.snapshot ? `snapshot ${opts.snapshot.name} ` : '');
+
+    if (!opts.readOnly && !opts.snapshot && header.incompatibleFeatures & INCOMPAT_CORRUPT) {
+      throw new ImageError('image is marked corrupt: mount it read-only, or repair it with "qcow2fs check -r all"', file.path);
+    }
+    if (header.incompatibleFeatures & INCOMPAT_DIRTY) log.debug({ image: file.path }, 'image has the dirty bit set (lazy refcounts)');
+    return new Qcow2Image(file, header, snapshots, l1, fileSize, regions, opts.backing, opts);
+  }
+
+  private overlappingRegion(offset: number, length: number): string | null {
+    for (const r of this.regions) if (rangesOverlap(offset, length, r.offset, r.length)) return r.what;
+    return null;
+  }
+
+  private async loadTable(hostOffset: number): Promise<Buffer> {
+    const buf = Buffer.allocUnsafe(this.geometry.clusterSize);
+    const n = await this.file.pread(buf, hostOffset);
+    if (n < buf.length) throw new CorruptionError(`${this.file.path}: L2 table at 0x${hostOffset.toString(16)} is truncated by the end of the file`);
+    return buf;
+  }
+
+  private async loadCompressed(hostOffset: number, bytes: number): Promise<Buffer> {
+    const src = Buffer.allocUnsafe(bytes);
+    await this.file.pread(src, hostOffset);
+    try {
+      return await decompressCluster(this.header.compressionType, src, this.geometry.clusterSize);
+    } catch (err) {
+      if (err instanceof DecompressError) {
+        throw new CorruptionError(`${this.file.path}: compressed cluster at 0x${hostOffset.toString(16)}: ${err.message}`);
+      }
+      throw err;
+    }
+  }
+
+  private async readCompressed(dst: Uint8Array, m: Extract<Mapping, { kind: 'compressed' }>): Promise<void> {
+    const cluster =
+      this.decompressed.peek(m.hostOffset) ?? (await this.decompressed.get(m.hostOffset, (off) => this.loadCompressed(off, m.compressedBytes)));
+    dst.set(cluster.subarray(m.offsetInCluster, m.offsetInCluster + dst.length));
+  }
+
+  private async readBacking(dst: Uint8Array, guestOffset: number): Promise<void> {
+    const b = this.backing;
+    const n = b === null ? 0 : Math.max(0, Math.min(dst.length, b.size - guestOffset));
+    if (n > 0) await b!.read(dst.subarray(0, n), guestOffset);
+    if (n < dst.length) dst.fill(0, n);
+  }
+
+  lookup(guestOffset: number, maxLength: number): Promise<Mapping> {
+    return this.mapper.lookup(this.l1, guestOffset, maxLength);
+  }
+
+  async read(buf: Uint8Array, offset: number): Promise<void> {
+    checkRange(this, offset, buf.length);
+    const pending: Promise<void>[] = [];
+    let pos = 0;
+    while (pos < buf.length) {
+      const m = await this.mapper.lookup(this.l1, offset + pos, buf.length - pos);
+      const dst = buf.subarray(pos, pos + m.length);
+      switch (m.kind) {
+        case 'data':
+          pending.push(this.file.pread(dst, m.hostOffset).then(() => undefined));
+          break;
+        case 'zero':
+          dst.fill(0);
+          break;
+        case 'compressed':
+          pending.push(this.readCompressed(dst, m));
+          break;
+        case 'unallocated':
+          pending.push(this.readBacking(dst, offset + pos));
+          break;
+      }
+      pos += m.length;
+    }
+    if (pending.length === 1) await pending[0];
+    else if (pending.length > 1) await Promise.all(pending);
+  }
+
+  async status(offset: number, length: number): Promise<Extent[]> {
+    checkRange(this, offset, length);
+    const out: Extent[] = [];
+    let pos = offset;
+    const end = offset + length;
+    while (pos < end) {
+      const m = await this.mapper.lookup(this.l1, pos, end - pos);
+      if (m.kind === 'unallocated' && this.backing) {
+        const inBacking = Math.max(0, Math.min(m.length, this.backing.size - pos));
+        if (inBacking > 0) {
+          for (const e of await this.backing.status(pos, inBacking)) out.push({ ...e, depth: e.depth + 1 });
+        }
+        if (inBacking < m.length) out.push({ offset: pos + inBacking, length: m.length - inBacking, kind: 'hole', depth: 1 });
+      } else if (m.kind === 'unallocated') {
+        out.push({ offset: pos, length: m.length, kind: 'hole', depth: 0 });
+      } else if (m.kind === 'zero') {
+        out.push({ offset: pos, length: m.length, kind: 'zero', depth: 0 });
+      } else if (m.kind === 'data') {
+        out.push({ offset: pos, length: m.length, kind: 'data', depth: 0, hostOffset: m.hostOffset });
+      } else {
+        out.push({ offset: pos, length: m.length, kind: 'data', depth: 0, compressed: true });
+      }
+      pos += m.length;
+    }
+    return mergeExtents(out);
+  }
+
+  async allocatedBytes(): Promise<number> {
+    const st = await this.file.stat();
+    return st.blocks * 512;
+  }
+
+  async write(_buf: Uint8Array, _offset: number): Promise<void> {
+    throw new ReadOnlyError(`${this.description}: writing is not supported yet`);
+  }
+
+  async discard(_offset: number, _length: number): Promise<void> {
+    throw new ReadOnlyError(`${this.description}: discard is not supported yet`);
+  }
+
+  async flush(): Promise<void> {
+    if (!this.readOnly) await this.file.flush();
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    this.l2Cache.clear();
+    this.decompressed.clear();
+    await this.file.close();
+    if (this.backing) await this.backing.close();
+  }
+}
+
+/** Reads and validates the header of a qcow2 file. */
+export async function readHeader(file: HostFile): Promise<{ header: Qcow2Header; fileSize: number }> {
+  const fileSize = await file.size();
+  const head = Buffer.alloc(Math.min(HEADER_PROBE_BYTES, fileSize));
+  await file.pread(head, 0);
+  try {
+    return { header: decodeHeader(head, fileSize), fileSize };
+  } catch (err) {
+    if (err instanceof ImageError && !err.file) throw new (err.constructor as typeof ImageError)(err.message, file.path);
+    throw err;
+  }
+}
+
+/** Merges adjacent extents of one kind and depth (host-contiguous for data). */
+export function mergeExtents(list: Extent[]): Extent[] {
+  const out: Extent[] = [];
+  for (const e of list) {
+    const last = out[out.length - 1];
+    if (
+      last &&
+      last.kind === e.kind &&
+      last.depth === e.depth &&
+      !!last.compressed === !!e.compressed &&
+      last.offset + last.length === e.offset &&
+      (last.hostOffset === undefined ? e.hostOffset === undefined : e.hostOffset === last.hostOffset + last.length)
+    ) {
+      last.length += e.length;
+    } else {
+      out.push({ ...e });
+    }
+  }
+  return out;
+}
+
+async function readL1(
+  file: HostFile,
+  offset: number,
+  size: number,
+  clusterSize: number,
+  fileSize: number,
+  regions: readonly Region[],
+  what: string,
+): Promise<L1Table> {
+  const raw = Buffer.alloc(size * 8);
+  if (size > 0) await file.pread(raw, offset);
+  const l2Offsets = new Float64Array(size);
+  const copied = new Uint8Array(size);
+  for (let i = 0; i < size; i++) {
+    const hi = raw.readUInt32BE(i * 8);
+    const lo = raw.readUInt32BE(i * 8 + 4);
+    const l2 = entryOffset(hi, lo);
+    if (l2 === 0) continue;
+    const where = `${what}L1 entry ${i}: L2 table offset 0x${l2.toString(16)}`;
+    if (l2 % clusterSize !== 0) throw new ImageError(`${where} is not aligned to the cluster size`, file.path);
+    if (l2 + clusterSize > fileSize) throw new ImageError(`${where} lies past the end of the file`, file.path);
+    for (const r of regions) {
+      if (rangesOverlap(l2, clusterSize, r.offset, r.length)) throw new ImageError(`${where} points into the ${r.what}`, file.path);
+    }
+    l2Offsets[i] = l2;
+    copied[i] = hi & OFLAG_COPIED_HI ? 1 : 0;
+  }
+  return { tableOffset: offset, l2Offsets, copied };
+}
