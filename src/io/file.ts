@@ -12,6 +12,8 @@ export interface HostFile {
   pread(buf: Uint8Array, offset: number): Promise<number>;
   /** Writes all of buf at `offset`. */
   pwrite(buf: Uint8Array, offset: number): Promise<void>;
+  /** Writes the buffers back to back starting at `offset`, in as few system calls as it can. */
+  pwritev(bufs: readonly Uint8Array[], offset: number): Promise<void>;
   /** Makes every completed write durable (fdatasync). A barrier for crash ordering. */
   flush(): Promise<void>;
   /** Current file length in bytes. */
@@ -75,6 +77,38 @@ export class FdFile implements HostFile {
     let done = 0;
     while (done < buf.length) {
       done += await writeOnce(this.fd, buf, done, buf.length - done, offset + done);
+    }
+  }
+
+  async pwritev(bufs: readonly Uint8Array[], offset: number): Promise<void> {
+    if (bufs.length === 1) return this.pwrite(bufs[0]!, offset);
+    if (this.readOnly) throw new Error(`${this.path}: internal error: write on a read-only file`);
+    let list = bufs.filter((b) => b.length > 0);
+    let pos = offset;
+    while (list.length > 0) {
+      // IOV_MAX is 1024 on Linux.
+      const batch = list.slice(0, 1024);
+      const total = batch.reduce((s, b) => s + b.length, 0);
+      const n = await new Promise<number>((resolve, reject) =>
+        fs.writev(this.fd, batch as NodeJS.ArrayBufferView[], pos, (err, written) => (err ? reject(err) : resolve(written))),
+      );
+      pos += n;
+      if (n === total) {
+        list = list.slice(batch.length);
+        continue;
+      }
+      // Short write: drop what was written and go on with the rest.
+      let skip = n;
+      const rest: Uint8Array[] = [];
+      for (const b of list) {
+        if (skip >= b.length) {
+          skip -= b.length;
+          continue;
+        }
+        rest.push(skip > 0 ? b.subarray(skip) : b);
+        skip = 0;
+      }
+      list = rest;
     }
   }
 
