@@ -5,6 +5,7 @@
  * library compiled to WebAssembly (@bokuweb/zstd-wasm: installs from the npm registry alone,
  * nothing to compile, and Node 20 has no zstd of its own).
  */
+import * as path from 'node:path';
 import * as zlib from 'node:zlib';
 import { COMPRESSION_ZLIB, COMPRESSION_ZSTD } from './header';
 
@@ -45,8 +46,11 @@ function loadZstd(): Promise<ZstdModule> {
       // eslint-disable-next-line @typescript-eslint/no-require-imports
       const lib = require('@bokuweb/zstd-wasm') as { init(): Promise<void> };
       await lib.init();
+      // The package's "exports" map hides its raw module (ZSTD_decompress into our own buffers);
+      // requiring it by file path, next to the resolved entry point, gets the same instance.
+      const modulePath = path.join(path.dirname(require.resolve('@bokuweb/zstd-wasm')), 'module.js');
       // eslint-disable-next-line @typescript-eslint/no-require-imports
-      const mod = require('@bokuweb/zstd-wasm/dist/common/module') as { Module: ZstdModule };
+      const mod = require(modulePath) as { Module: ZstdModule };
       return mod.Module;
     })();
   }
