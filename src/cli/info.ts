@@ -4,6 +4,7 @@ import * as path from 'node:path';
 import type { Argv } from 'yargs';
 import { UsageError } from '../errors';
 import { openImage, type ChainLayer } from '../image/open';
+import { parseFormat } from '../image/probe';
 import { Qcow2Image } from '../qcow2/image';
 import { AUTOCLEAR_BITMAPS, COMPAT_LAZY_REFCOUNTS, COMPRESSION_ZSTD, INCOMPAT_CORRUPT, INCOMPAT_DIRTY } from '../qcow2/header';
 import { formatSize, runCommand, type GlobalArgs } from './common';
@@ -12,6 +13,7 @@ interface InfoArgs extends GlobalArgs {
   image: string;
   output: 'human' | 'json';
   'backing-chain': boolean;
+  format?: string;
 }
 
 type Json = Record<string, unknown>;
@@ -116,11 +118,12 @@ export function registerInfo(y: Argv<GlobalArgs>): Argv<GlobalArgs> {
         .positional('image', { type: 'string', demandOption: true })
         .option('output', { choices: ['human', 'json'] as const, default: 'human' as const, describe: 'output format' })
         .option('backing-chain', { type: 'boolean', default: false, describe: 'describe every file of the backing chain' })
+        .option('format', { alias: 'f', type: 'string', describe: 'format of IMAGE (qcow2 or raw); probed by default' })
         .example('$0 info disk.qcow2', 'human-readable summary')
         .example('$0 info --output json --backing-chain overlay.qcow2', 'the whole chain, as qemu-img prints it') as unknown as Argv<InfoArgs>,
     runCommand<InfoArgs>(async (argv) => {
       if (!fs.existsSync(argv.image)) throw new UsageError(`image ${argv.image}: no such file or directory`);
-      const opened = await openImage(argv.image, { readOnly: true });
+      const opened = await openImage(argv.image, { readOnly: true, ...(argv.format ? { format: parseFormat(argv.format, '--format') } : {}) });
       try {
         const names: string[] = [argv.image];
         for (let i = 1; i < opened.chain.length; i++) {
