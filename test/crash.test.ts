@@ -153,7 +153,9 @@ describe('SIGKILL during heavy writing', () => {
           synced.push({ seq: seq!, slot: slot! });
         }
       });
-      await new Promise((res) => setTimeout(res, 300 + Math.floor(r() * 1500)));
+      // Kill at a random moment once the writer is under way (it has fsync'd at least once).
+      for (let t = 0; synced.length === 0 && t < 600; t++) await new Promise((res) => setTimeout(res, 50));
+      await new Promise((res) => setTimeout(res, Math.floor(r() * 1500)));
       process.kill(pid, 'SIGKILL');
       await new Promise((res) => child.on('close', res));
       run('fusermount', ['-u', '-z', mp]);
