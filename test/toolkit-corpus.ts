@@ -29,13 +29,13 @@ function writeMix(img: string, clusterSize: number, sizeBytes: number): void {
   qemuIo(img, cmds);
 }
 
-/** A raw file with pseudo-random data, zero runs and holes. */
-function makeRaw(file: string, sizeBytes: number, seed: number): void {
+/** A raw file with pseudo-random data and holes (every fourth 256 KiB written), or dense. */
+export function makeRaw(file: string, sizeBytes: number, seed: number, dense = false): void {
   const fd = fs.openSync(file, 'w');
   try {
     fs.ftruncateSync(fd, sizeBytes);
     const chunk = 256 * 1024;
-    for (let off = 0; off < sizeBytes; off += 4 * chunk) {
+    for (let off = 0; off < sizeBytes; off += (dense ? 1 : 4) * chunk) {
       fs.writeSync(fd, seededBytes(seed + off, Math.min(chunk, sizeBytes - off)), 0, Math.min(chunk, sizeBytes - off), off);
     }
   } finally {
@@ -87,7 +87,7 @@ export function buildCorpus(tag = 'corpus'): CorpusImage[] {
 
   // A chain: raw base <- qcow2 mid <- qcow2 top, named relatively.
   const base = path.join(dir, 'base.raw');
-  makeRaw(base, 4 * M, 11);
+  makeRaw(base, 4 * M, 11, true);
   const mid = path.join(dir, 'mid.qcow2');
   qemuImg('create', '-q', '-f', 'qcow2', '-b', 'base.raw', '-F', 'raw', mid);
   qemuIo(mid, ['write -P 0x77 1M 128k', 'write -z 0 64k']);
@@ -118,6 +118,6 @@ export function buildCorpus(tag = 'corpus'): CorpusImage[] {
   qemuImg('create', '-q', '-f', 'qcow2', p, '1G');
 
   p = add('plain.raw');
-  makeRaw(p, 2 * M, 3);
+  makeRaw(p, 2 * M, 3, true);
   return out;
 }
