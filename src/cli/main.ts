@@ -6,7 +6,9 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import yargs, { type Argv } from 'yargs';
 import { EXIT_USAGE, type GlobalArgs } from './common';
+import { registerCheck } from './check';
 import { registerInfo } from './info';
+import { registerMap } from './map';
 import { registerMount } from './mount';
 import { registerUmount } from './umount';
 
@@ -36,6 +38,8 @@ export function buildCli(args: string[]): Argv<GlobalArgs> {
   y = registerMount(y);
   y = registerUmount(y);
   y = registerInfo(y);
+  y = registerMap(y);
+  y = registerCheck(y);
   return y.fail((msg, err) => {
     if (err) throw err;
     process.stderr.write(`qcow2fs: ${msg.split('\n')[0]}\nTry "qcow2fs --help".\n`);

@@ -12,7 +12,7 @@ import { CorruptionError, ImageError } from '../errors';
 import type { HostFile } from '../io/file';
 import { TableCache } from './cache';
 import { rangesOverlap } from './header';
-import { getRefcount, maxRefcount, refcountEntriesPerBlock, setRefcount } from './refcount-decode';
+import { getRefcount, refcountEntriesPerBlock, refcountMax as maxRefcount, setRefcount } from './refcount-decode';
 
 /** A region of the image file that must never be handed out (for validation of the table). */
 export interface FixedRegion {
@@ -58,7 +58,7 @@ export class RefcountManager {
   private constructor(private readonly o: RefcountOptions, table: Float64Array) {
     this.clusterSize = 2 ** o.clusterBits;
     this.order = o.refcountOrder;
-    this.entriesPerBlock = refcountEntriesPerBlock(this.clusterSize, o.refcountOrder);
+    this.entriesPerBlock = refcountEntriesPerBlock(o.clusterBits, o.refcountOrder);
     this.maxValue = maxRefcount(o.refcountOrder);
     this.table = table;
     this.tableOffset = o.tableOffset;
