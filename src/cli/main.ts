@@ -6,8 +6,10 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import yargs, { type Argv } from 'yargs';
 import { EXIT_USAGE, type GlobalArgs } from './common';
+import { registerInstallHelper } from './helper';
 import { registerInfo } from './info';
 import { registerMount } from './mount';
+import { registerSnapshot } from './snapshot';
 import { registerUmount } from './umount';
 
 function version(): string {
@@ -36,6 +38,8 @@ export function buildCli(args: string[]): Argv<GlobalArgs> {
   y = registerMount(y);
   y = registerUmount(y);
   y = registerInfo(y);
+  y = registerSnapshot(y);
+  y = registerInstallHelper(y);
   return y.fail((msg, err) => {
     if (err) throw err;
     process.stderr.write(`qcow2fs: ${msg.split('\n')[0]}\nTry "qcow2fs --help".\n`);

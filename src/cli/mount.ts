@@ -10,6 +10,7 @@ import { UsageError } from '../errors';
 import { launchDaemon, signalReady } from '../fuse/daemon';
 import { Layout, rawFileName, safeFileName, type NodeMeta } from '../fuse/layout';
 import { checkMountpoint, FuseMount } from '../fuse/mount';
+import { realMountpoint } from '../fuse/mounts';
 import { openImage, type OpenedImage } from '../image/open';
 import { parseFormat } from '../image/probe';
 import { openSnapshotViews } from '../image/snapshot-views';
@@ -52,7 +53,8 @@ export interface MountPlan {
 
 export function planMount(argv: MountArgs): MountPlan {
   const image = path.resolve(argv.image);
-  const mountpoint = path.resolve(argv.mountpoint);
+  // The kernel lists the mount under its real path; the daemon watches for that one.
+  const mountpoint = realMountpoint(argv.mountpoint);
   const forensic = !!argv.forensic;
   const snapshot = argv.snapshot;
   if (snapshot !== undefined && snapshot === '') throw new UsageError('--snapshot needs a snapshot name or id');

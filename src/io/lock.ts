@@ -113,8 +113,9 @@ export function processesUsing(filePath: string): Array<{ pid: number; command: 
     let command = '?';
     try {
       // argv[0], not comm: comm is cut at 15 characters ("qemu-storage-da").
-      const argv0 = fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0')[0] ?? '';
-      command = path.basename(argv0) || fs.readFileSync(`/proc/${pid}/comm`, 'utf8').trim();
+      const argv = fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0');
+      const isQcow2fs = argv.some((a) => a.endsWith('/cli/main.js') || a.endsWith('/bin/qcow2fs')) && argv.includes('--daemon-of');
+      command = isQcow2fs ? 'a qcow2fs mount' : path.basename(argv[0] ?? '') || fs.readFileSync(`/proc/${pid}/comm`, 'utf8').trim();
     } catch {
       // Gone meanwhile.
     }
