@@ -24,15 +24,15 @@ function lockBytes(file: string): string[] {
     .filter((f) => f[1] === 'OFDLCK' && f[5]?.endsWith(`:${ino}`))
     .flatMap((f) => {
       const out: string[] = [];
-      for (let b = Number(f[6]); b <= Number(f[7]); b++) out.push(`${f[4]}@${b}`);
+      for (let b = Number(f[6]); b <= Number(f[7]); b++) out.push(`${f[3]}@${b}`);
       return out;
     })
     .sort();
 }
 
-/** Locks qemu-io holds on `file` while it sits at its prompt (read-only with -r). */
-async function qemuIoLocks(file: string, readOnly: boolean): Promise<string[]> {
-  const child = spawn('qemu-io', [...(readOnly ? ['-r'] : []), '-f', 'qcow2', file], { stdio: ['pipe', 'ignore', 'ignore'] });
+/** Locks qemu-io (with `flags`: -r read-only, -U force-share) holds on `file` while it sits at its prompt. */
+async function qemuIoLocks(file: string, flags: string[]): Promise<string[]> {
+  const child = spawn('qemu-io', [...flags, '-f', 'qcow2', file], { stdio: ['pipe', 'ignore', 'ignore'] });
   try {
     const deadline = Date.now() + 10_000;
     let locks: string[] = [];
@@ -80,12 +80,15 @@ beforeAll(() => {
 afterAll(() => removeScratch());
 
 describe('the same locks as QEMU', () => {
-  it('holds exactly the lock bytes qemu-io holds, read-write and read-only', async () => {
-    const qemuRw = await qemuIoLocks(image, false);
-    const qemuRo = await qemuIoLocks(image, true);
-    expect(qemuRw.length).toBeGreaterThan(0);
+  it('holds exactly the lock bytes qemu-io holds: read-write, read-only, and read-only with -U', async () => {
+    const qemuRw = await qemuIoLocks(image, []);
+    const qemuRo = await qemuIoLocks(image, ['-r']);
+    const qemuShared = await qemuIoLocks(image, ['-r', '-U']);
+    expect(qemuRw).toEqual(['READ@100', 'READ@101', 'READ@103', 'READ@201', 'READ@203']);
+    expect(qemuRo).toEqual(['READ@100', 'READ@201', 'READ@203']);
     await withMount(image, [], () => expect(lockBytes(image)).toEqual(qemuRw));
     await withMount(image, ['--read-only'], () => expect(lockBytes(image)).toEqual(qemuRo));
+    await withMount(image, ['--read-only', '--force-share'], () => expect(lockBytes(image)).toEqual(qemuShared));
     expect(lockBytes(image)).toEqual([]);
   });
 });
