@@ -127,6 +127,15 @@ describe('mount(8) and umount(8)', () => {
     expect(log).toMatch(/stopped/);
   });
 
+  it('refuses a non-empty mountpoint clearly', () => {
+    const mp = mountpoint();
+    fs.writeFileSync(path.join(mp, 'keep.txt'), 'x');
+    const m = run('mount', ['-t', 'fuse.qcow2fs', image, mp, '-o', 'ro']);
+    expect(m.code).not.toBe(0);
+    expect(m.stderr).toMatch(/mountpoint .* is not empty/);
+    expect(isMounted(mp)).toBe(false);
+  });
+
   it('refuses unknown qcow2fs options clearly and mounts nothing', () => {
     const mp = mountpoint();
     const m = run('mount', ['-t', 'fuse.qcow2fs', image, mp, '-o', 'ro,bogus_option=1']);

@@ -66,6 +66,14 @@ export function checkMountpoint(mountpoint: string): void {
   if (!st.isDirectory()) throw new UsageError(`mountpoint ${mountpoint}: not a directory`);
   const existing = findMount(mountpoint);
   if (existing) throw new UsageError(`mountpoint ${mountpoint} is busy: ${existing.source} (${existing.fstype}) is already mounted there`);
+  // libfuse 2 refuses to hide files ("fuse failed"); say why instead.
+  let entries: string[] = [];
+  try {
+    entries = fs.readdirSync(mountpoint);
+  } catch (err) {
+    throw new UsageError(describeSystemError(err, `mountpoint ${mountpoint}`));
+  }
+  if (entries.length > 0) throw new UsageError(`mountpoint ${mountpoint} is not empty (${entries.length} entries); mount on an empty directory`);
 }
 
 /** This process's descriptors open on /dev/fuse (its FUSE session channels). */
