@@ -14,6 +14,9 @@ declare -A NEED=(
   [sleuthkit]=/usr/bin/mmls
   [fio]=/usr/bin/fio
   [kmod]=/usr/bin/kmod
+  [qemu-system-common]=/usr/bin/qemu-storage-daemon   # locking tests: QEMU holding an image
+  [g++]=/usr/bin/g++                      # the image-locking addon (native/, built by node-gyp)
+  [make]=/usr/bin/make
 )
 
 missing=()

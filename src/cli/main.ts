@@ -7,9 +7,11 @@ import * as path from 'node:path';
 import yargs, { type Argv } from 'yargs';
 import { EXIT_USAGE, type GlobalArgs } from './common';
 import { registerCheck } from './check';
+import { registerInstallHelper } from './helper';
 import { registerInfo } from './info';
 import { registerMap } from './map';
 import { registerMount } from './mount';
+import { registerSnapshot } from './snapshot';
 import { registerUmount } from './umount';
 
 function version(): string {
@@ -40,6 +42,8 @@ export function buildCli(args: string[]): Argv<GlobalArgs> {
   y = registerInfo(y);
   y = registerMap(y);
   y = registerCheck(y);
+  y = registerSnapshot(y);
+  y = registerInstallHelper(y);
   return y.fail((msg, err) => {
     if (err) throw err;
     process.stderr.write(`qcow2fs: ${msg.split('\n')[0]}\nTry "qcow2fs --help".\n`);

@@ -1,10 +1,9 @@
 /** `qcow2fs umount MOUNTPOINT [--lazy]`: unmount, then wait until the daemon has flushed, closed the image and exited. */
 import { execFile } from 'node:child_process';
-import * as path from 'node:path';
 import type { Argv } from 'yargs';
 import { UsageError } from '../errors';
 import { FUSE_SUBTYPE } from '../fuse/mount';
-import { findDaemons, findMount, isStaleFuseMount, processAlive } from '../fuse/mounts';
+import { findDaemons, findMount, isStaleFuseMount, processAlive, realMountpoint } from '../fuse/mounts';
 import { log } from '../log';
 import { runCommand, type GlobalArgs } from './common';
 
@@ -24,7 +23,7 @@ function run(cmd: string, args: string[]): Promise<{ code: number; stderr: strin
 }
 
 export async function unmount(mountpointArg: string, opts: { lazy: boolean; timeoutSeconds: number }): Promise<void> {
-  const mp = path.resolve(mountpointArg);
+  const mp = realMountpoint(mountpointArg);
   const stale = isStaleFuseMount(mp);
   const entry = findMount(mp);
   if (!entry) throw new UsageError(`${mp} is not mounted`);
@@ -32,7 +31,8 @@ export async function unmount(mountpointArg: string, opts: { lazy: boolean; time
   const daemons = findDaemons(mp);
   log.debug({ mountpoint: mp, daemons, stale }, 'unmounting');
 
-  const args = opts.lazy || stale ? ['-l', mp] : [mp];
+  // -i: never run a umount.<type> helper, whatever is installed; we are the one doing the waiting.
+  const args = opts.lazy || stale ? ['-i', '-l', mp] : ['-i', mp];
   const useUmount = process.getuid?.() === 0;
   const r = useUmount ? await run('umount', args) : await run('fusermount', opts.lazy || stale ? ['-u', '-z', mp] : ['-u', mp]);
   if (r.code !== 0) {

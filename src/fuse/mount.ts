@@ -66,6 +66,31 @@ export function checkMountpoint(mountpoint: string): void {
   if (!st.isDirectory()) throw new UsageError(`mountpoint ${mountpoint}: not a directory`);
   const existing = findMount(mountpoint);
   if (existing) throw new UsageError(`mountpoint ${mountpoint} is busy: ${existing.source} (${existing.fstype}) is already mounted there`);
+  // libfuse 2 refuses to hide files ("fuse failed"); say why instead.
+  let entries: string[] = [];
+  try {
+    entries = fs.readdirSync(mountpoint);
+  } catch (err) {
+    throw new UsageError(describeSystemError(err, `mountpoint ${mountpoint}`));
+  }
+  if (entries.length > 0) throw new UsageError(`mountpoint ${mountpoint} is not empty (${entries.length} entries); mount on an empty directory`);
+}
+
+/** This process's descriptors open on /dev/fuse (its FUSE session channels). */
+function fuseDeviceFds(): Set<string> {
+  const out = new Set<string>();
+  try {
+    for (const fd of fs.readdirSync('/proc/self/fd')) {
+      try {
+        if (fs.readlinkSync(`/proc/self/fd/${fd}`) === '/dev/fuse') out.add(fd);
+      } catch {
+        // Closed meanwhile.
+      }
+    }
+  } catch {
+    // No /proc: the channel check is skipped.
+  }
+  return out;
 }
 
 export class FuseMount {
@@ -78,6 +103,8 @@ export class FuseMount {
     readonly fuse: Fuse,
     readonly layout: Layout,
     private readonly state: OpsState,
+    /** The /dev/fuse descriptors of this mount's session; libfuse closes them when its loop ends. */
+    private readonly channelFds: string[],
   ) {}
 
   static async mount(mountpoint: string, layout: Layout, opts: FuseMountOptions): Promise<FuseMount> {
@@ -101,11 +128,13 @@ export class FuseMount {
       },
       extra,
     );
+    const fdsBefore = fuseDeviceFds();
     await new Promise<void>((resolve, reject) =>
       fuse.mount((err) => (err ? reject(new UsageError(`cannot mount on ${mountpoint}: ${err.message}`)) : resolve())),
     );
+    const channelFds = [...fuseDeviceFds()].filter((fd) => !fdsBefore.has(fd));
     log.info({ mountpoint, source: opts.fsname }, 'mounted');
-    return new FuseMount(mountpoint, fuse, layout, state);
+    return new FuseMount(mountpoint, fuse, layout, state, channelFds);
   }
 
   /** True while the kernel still lists our mount. */
@@ -115,13 +144,29 @@ export class FuseMount {
   }
 
   /**
+   * False once libfuse's loop has ended and closed its /dev/fuse descriptor: the kernel tore the
+   * connection down (the last file of a lazily unmounted mount closed). The RELEASE of that last
+   * file may never reach us then, so the open-handle count alone cannot tell.
+   */
+  channelOpen(): boolean {
+    if (this.channelFds.length === 0) return true;
+    return this.channelFds.some((fd) => {
+      try {
+        return fs.readlinkSync(`/proc/self/fd/${fd}`) === '/dev/fuse';
+      } catch {
+        return false;
+      }
+    });
+  }
+
+  /**
    * Calls `onGone` once umount(8) or fusermount -u has taken the mount away and no file is open
    * on it any more (after a lazy unmount, open files keep working until closed). The interval
    * also keeps the event loop alive: fuse-native's own handles do not.
    */
   watchExternalUnmount(onGone: () => void, intervalMs = 250): void {
     this.poller = setInterval(() => {
-      if (!this.stopped && this.state.openHandles === 0 && !this.isMounted()) {
+      if (!this.stopped && !this.isMounted() && (this.state.openHandles === 0 || !this.channelOpen())) {
         log.info({ mountpoint: this.mountpoint }, 'unmounted from outside');
         onGone();
       }

@@ -1,5 +1,6 @@
 /** Reading the kernel's mount table (/proc/self/mountinfo) and finding our daemons in /proc. */
 import * as fs from 'node:fs';
+import * as path from 'node:path';
 
 export interface MountEntry {
   mountpoint: string;
@@ -74,3 +75,13 @@ export function processAlive(pid: number): boolean {
     return false;
   }
 }
+
+/** The kernel lists mounts by real path; a stale mount cannot be resolved, so keep it as given. */
+export function realMountpoint(p: string): string {
+  try {
+    return fs.realpathSync(path.resolve(p));
+  } catch {
+    return path.resolve(p);
+  }
+}
+

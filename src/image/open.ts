@@ -8,6 +8,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { describeSystemError, ImageError, UnsupportedError, UsageError } from '../errors';
 import { FdFile, type HostFile } from '../io/file';
+import { lockImageFile, lockProfile } from '../io/lock';
 import { log } from '../log';
 import { Qcow2Image, readHeader } from '../qcow2/image';
 import { findSnapshot } from '../qcow2/snapshot';
@@ -26,6 +27,14 @@ export interface OpenOptions {
   l2CacheBytes?: number;
   /** When set, every backing file must live under one of these directories (forensic mode). */
   allowedBackingDirs?: string[];
+  /**
+   * QEMU-compatible image locks (io/lock.ts): 'qemu' (default) takes what QEMU takes, so QEMU
+   * and qcow2fs refuse to write what the other uses; 'share' is qemu-img's -U (read-only, lets
+   * others write); 'none' takes no locks (in-process tests that open one file twice).
+   */
+  lock?: 'qemu' | 'share' | 'none';
+  /** Writes go to this qcow2 overlay whose backing file is the image (issue 4; not built yet). */
+  overlay?: string;
 }
 
 /** One layer of an opened chain, for info and forensic reports. */
@@ -68,6 +77,11 @@ export function resolveBackingPath(overlayPath: string, backingName: string): st
 }
 
 export async function openImage(imagePath: string, opts: OpenOptions): Promise<OpenedImage> {
+  if (opts.overlay !== undefined) throw new UnsupportedError(`--overlay ${opts.overlay}: overlays are not supported yet`);
+  // A snapshot view never writes: open the file O_RDONLY too, not just the view.
+  if (opts.snapshot !== undefined && !opts.readOnly) opts = { ...opts, readOnly: true };
+  if (opts.lock === 'share' && !opts.readOnly) throw new UsageError('--force-share needs a read-only open (--read-only)');
+  if (opts.allowedBackingDirs) opts = { ...opts, allowedBackingDirs: opts.allowedBackingDirs.map(realDir) };
   const chain: ChainLayer[] = [];
   const seen: string[] = [];
   try {
@@ -78,6 +92,20 @@ export async function openImage(imagePath: string, opts: OpenOptions): Promise<O
     for (const layer of chain) await layer.device.close().catch(() => undefined);
     throw err;
   }
+}
+
+/** An allowed backing directory, as the real path backing files are compared with. */
+function realDir(dir: string): string {
+  try {
+    return fs.realpathSync(path.resolve(dir));
+  } catch (err) {
+    throw new UsageError(describeSystemError(err, `--allow-backing ${dir}`));
+  }
+}
+
+/** True when `file` (a real path) lies in `dir` or below it. */
+export function isInside(file: string, dir: string): boolean {
+  return file === dir || file.startsWith(dir.endsWith('/') ? dir : dir + '/');
 }
 
 async function openLayer(
@@ -92,21 +120,30 @@ async function openLayer(
 ): Promise<BlockDevice> {
   if (depth > MAX_CHAIN_DEPTH) throw new ImageError(`backing chain is deeper than ${MAX_CHAIN_DEPTH} files (at ${p})`);
   const what = depth === 0 ? 'image' : 'backing file';
-  const file = await openFile(p, readOnly, what);
+  // Checked before the file is opened: a forensic mount must not even open what it refuses.
   let real = p;
   try {
     real = await fs.promises.realpath(p);
+  } catch {
+    // openFile reports the missing file below.
+  }
+  if (depth > 0 && opts.allowedBackingDirs && !opts.allowedBackingDirs.some((d) => isInside(real, d))) {
+    throw new UsageError(
+      `backing file ${real} lies outside the allowed directories (${opts.allowedBackingDirs.join(', ')}); pass --allow-backing ${path.dirname(real)} to allow it`,
+    );
+  }
+  const file = await openFile(p, readOnly, what);
+  try {
     if (seen.includes(real)) {
       throw new ImageError(`backing chain loops: ${[...seen, real].map((s) => path.basename(s)).join(' -> ')}`);
     }
     seen.push(real);
-    if (depth > 0 && opts.allowedBackingDirs) {
-      const ok = opts.allowedBackingDirs.some((d) => real === d || real.startsWith(d.endsWith('/') ? d : d + '/'));
-      if (!ok) throw new UsageError(`backing file ${real} lies outside the allowed directories (${opts.allowedBackingDirs.join(', ')}); pass --allow-backing DIR`);
-    }
     const head = await readHead(file);
     const probed = probeFormat(head, p);
     const fmt = format ?? probed;
+    if ((opts.lock ?? 'qemu') !== 'none') {
+      lockImageFile(file, lockProfile({ writable: !readOnly, format: fmt, forceShare: opts.lock === 'share' }), what);
+    }
     if (fmt === 'raw') {
       if (snapshot !== undefined) throw new UsageError(`${p}: raw images have no snapshots`);
       const dev = await RawImage.open(file);

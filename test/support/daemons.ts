@@ -1,0 +1,87 @@
+/**
+ * Test support for mount lifecycles: find a mount's daemon, wait for it to exit, see how it
+ * opened its files, and clean up whatever a failed test left mounted.
+ */
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { isMounted, run, sha256File } from './env';
+
+/** PIDs of qcow2fs daemons serving `mountpoint` (their command line names it after --daemon-of). */
+export function daemonPids(mountpoint: string): number[] {
+  const mp = path.resolve(mountpoint);
+  const out: number[] = [];
+  for (const name of fs.readdirSync('/proc')) {
+    if (!/^\d+$/.test(name)) continue;
+    let argv: string[];
+    try {
+      argv = fs.readFileSync(`/proc/${name}/cmdline`, 'utf8').split('\0');
+    } catch {
+      continue;
+    }
+    const i = argv.indexOf('--daemon-of');
+    if (i >= 0 && argv[i + 1] === mp) out.push(Number(name));
+  }
+  return out;
+}
+
+export function alive(pid: number): boolean {
+  try {
+    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+    return stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3) !== 'Z';
+  } catch {
+    return false;
+  }
+}
+
+/** Waits until every pid has exited; false on timeout. */
+export async function waitGone(pids: number[], timeoutMs = 15_000): Promise<boolean> {
+  const deadline = Date.now() + timeoutMs;
+  while (pids.some(alive)) {
+    if (Date.now() > deadline) return false;
+    await new Promise((r) => setTimeout(r, 25));
+  }
+  return true;
+}
+
+/** The daemon's open descriptors onto regular files: target path and access mode (0 = O_RDONLY). */
+export function openFiles(pid: number): Array<{ target: string; accessMode: number }> {
+  const out: Array<{ target: string; accessMode: number }> = [];
+  for (const fd of fs.readdirSync(`/proc/${pid}/fd`)) {
+    let target: string;
+    try {
+      target = fs.readlinkSync(`/proc/${pid}/fd/${fd}`);
+    } catch {
+      continue;
+    }
+    if (!target.startsWith('/')) continue;
+    const info = fs.readFileSync(`/proc/${pid}/fdinfo/${fd}`, 'utf8');
+    const m = /^flags:\s*([0-7]+)/m.exec(info);
+    out.push({ target, accessMode: m ? parseInt(m[1]!, 8) & 3 : -1 });
+  }
+  return out;
+}
+
+/** Last-resort cleanup for a test's mountpoint: lazy unmount, kill its daemons. */
+export function forceCleanup(mountpoint: string): void {
+  for (const pid of daemonPids(mountpoint)) {
+    try {
+      process.kill(pid, 'SIGKILL');
+    } catch {
+      // Gone.
+    }
+  }
+  if (isMounted(mountpoint)) run('umount', ['-i', '-l', mountpoint]);
+  if (isMounted(mountpoint)) run('fusermount', ['-u', '-z', mountpoint]);
+}
+
+/** What must not change on a read-only mount: content, mtime (ns) and size. */
+export interface FileState {
+  sha256: string;
+  mtimeNs: bigint;
+  size: number;
+}
+
+export function fileState(p: string): FileState {
+  const st = fs.statSync(p, { bigint: true });
+  return { sha256: sha256File(p), mtimeNs: st.mtimeNs, size: Number(st.size) };
+}
