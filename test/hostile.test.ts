@@ -76,7 +76,8 @@ function expectOneLineError(r: { code: number; stderr: string }, pattern: RegExp
 /** info and mount (read-write and read-only) refuse the image; no file of `files` changes. */
 function expectRefused(image: string, pattern: RegExp, files: string[] = [image], args: string[] = []): void {
   const before = files.map((f) => ({ f, sha: sha256File(f), mtime: fs.statSync(f).mtimeMs }));
-  expectOneLineError(qcow2fs(['info', ...args, image]), pattern, 'info');
+  // Without --backing-chain, info (like qemu-img info) does not open backing files.
+  expectOneLineError(qcow2fs(['info', '--backing-chain', ...args, image]), pattern, 'info');
   for (const ro of [[], ['--read-only']]) {
     const mp = scratchDir('mnt');
     const r = qcow2fs(['mount', ...args, ...ro, image, mp]);

@@ -6,10 +6,11 @@
  */
 import * as fs from 'node:fs';
 import type { Argv } from 'yargs';
-import { UnsupportedError, UsageError } from '../errors';
+import { UsageError } from '../errors';
 import { openImage } from '../image/open';
 import { Qcow2Image } from '../qcow2/image';
 import type { SnapshotEntry } from '../qcow2/snapshot';
+import { applySnapshot, createSnapshot, deleteSnapshot } from '../qcow2/snapshot-write';
 import { runCommand, type GlobalArgs } from './common';
 
 interface SnapshotArgs extends GlobalArgs {
@@ -103,7 +104,7 @@ export function snapshotListJson(snapshots: readonly SnapshotEntry[]): Array<Rec
 export function registerSnapshot(y: Argv<GlobalArgs>): Argv<GlobalArgs> {
   return y.command<SnapshotArgs>(
     'snapshot <image>',
-    'List internal snapshots (like qemu-img snapshot -l); -c/-a/-d create, apply, delete',
+    'List, create, apply or delete internal snapshots (like qemu-img snapshot)',
     (c) =>
       c
         .positional('image', { type: 'string', demandOption: true, describe: 'qcow2 image' })
@@ -114,17 +115,31 @@ export function registerSnapshot(y: Argv<GlobalArgs>): Argv<GlobalArgs> {
         .option('output', { choices: ['human', 'json'] as const, default: 'human' as const, describe: 'list format' })
         .option('force-share', { alias: 'U', type: 'boolean', default: false, describe: 'list even while another process writes the image (like qemu-img -U)' })
         .example('$0 snapshot -l disk.qcow2', 'the table qemu-img snapshot -l prints')
-        .example('$0 snapshot -l --output json disk.qcow2', 'the snapshots array of qemu-img info --output json') as unknown as Argv<SnapshotArgs>,
+        .example('$0 snapshot -l --output json disk.qcow2', 'the snapshots array of qemu-img info --output json')
+        .example('$0 snapshot -c before-upgrade disk.qcow2', 'snapshot the current state')
+        .example('$0 snapshot -a before-upgrade disk.qcow2', 'revert the disk to it (and to its size)')
+        .example('$0 snapshot -d before-upgrade disk.qcow2', 'delete it and release its clusters') as unknown as Argv<SnapshotArgs>,
     runCommand<SnapshotArgs>(async (argv) => {
       const verbs = [argv.list ? '-l' : null, argv.create !== undefined ? '-c' : null, argv.apply !== undefined ? '-a' : null, argv.delete !== undefined ? '-d' : null].filter(
         (v): v is string => v !== null,
       );
       if (verbs.length !== 1) throw new UsageError(`give exactly one of -l, -c NAME, -a NAME, -d NAME${verbs.length ? ` (got ${verbs.join(' ')})` : ''}`);
-      if (!argv.list) {
-        const what = argv.create !== undefined ? 'create (-c)' : argv.apply !== undefined ? 'apply (-a)' : 'delete (-d)';
-        throw new UnsupportedError(`snapshot ${what} is not supported yet (it needs the write path); qemu-img snapshot ${verbs[0]} NAME IMAGE does it meanwhile`);
-      }
       if (!fs.existsSync(argv.image)) throw new UsageError(`image ${argv.image}: no such file or directory`);
+      if (!argv.list) {
+        if (argv['force-share']) throw new UsageError('--force-share (-U) is only for -l: changing snapshots needs the write lock');
+        // Read-write with QEMU's locks: refused while qcow2fs or QEMU has the image open for writing.
+        const rw = await openImage(argv.image, { readOnly: false });
+        try {
+          const top = rw.chain[0]?.device;
+          if (!(top instanceof Qcow2Image)) throw new UsageError(`${argv.image}: ${rw.chain[0]?.format ?? 'this'} images have no internal snapshots`);
+          if (argv.create !== undefined) await createSnapshot(top, argv.create);
+          else if (argv.apply !== undefined) await applySnapshot(top, argv.apply);
+          else await deleteSnapshot(top, argv.delete!);
+        } finally {
+          await rw.device.close();
+        }
+        return;
+      }
       const opened = await openImage(argv.image, { readOnly: true, lock: argv['force-share'] ? 'share' : 'qemu' });
       try {
         const top = opened.chain[0]?.device;

@@ -10,6 +10,7 @@ import type { HostFile } from '../io/file';
 import { log } from '../log';
 import { TableCache } from './cache';
 import { ClusterMapper, type L1Table, type Mapping, type MetadataRegions } from './cluster';
+import { checkQcow2 } from './check';
 import { DecompressError, decompressCluster } from './codec';
 import { decodeHeader, geometryOf, HEADER_PROBE_BYTES, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, rangesOverlap, type Geometry, type Qcow2Header } from './header';
 import { entryOffset, OFLAG_COPIED_HI } from './l2';
@@ -131,7 +132,20 @@ export class Qcow2Image implements BlockDevice {
   }
 
   static async open(file: HostFile, opts: Qcow2OpenOptions, known?: { header: Qcow2Header; fileSize: number }): Promise<Qcow2Image> {
-    const { header, fileSize } = known ?? (await readHeader(file));
+    let { header, fileSize } = known ?? (await readHeader(file));
+    if (!opts.readOnly && !opts.snapshot && header.incompatibleFeatures & INCOMPAT_DIRTY && !(header.incompatibleFeatures & INCOMPAT_CORRUPT)) {
+      // Lazy refcounts were not written back before the image was last closed: rebuild them
+      // before writing (as QEMU does on a read-write open). Read-only opens repair nothing.
+      log.info({ image: file.path }, 'the image was not closed cleanly (lazy refcounts): repairing refcounts');
+      const outcome = await checkQcow2(file, 'all', { message: (line) => log.debug({ image: file.path }, line) });
+      if (outcome.failure !== null || outcome.counts.corruptions > 0 || outcome.counts.checkErrors > 0) {
+        throw new ImageError(
+          `the dirty bit is set and the refcounts could not be repaired (${outcome.failure ?? `${outcome.counts.corruptions} corruptions left`}): mount it read-only, or run "qcow2fs check -r all"`,
+          file.path,
+        );
+      }
+      ({ header, fileSize } = await readHeader(file));
+    }
     const g = geometryOf(header);
     const cs = g.clusterSize;
     const roundUp = (n: number): number => Math.ceil(n / cs) * cs;
@@ -173,9 +187,6 @@ export class Qcow2Image implements BlockDevice {
       throw new ImageError('image is marked corrupt: mount it read-only, or repair it with "qcow2fs check -r all"', file.path);
     }
     if (header.incompatibleFeatures & INCOMPAT_DIRTY) log.debug({ image: file.path }, 'image has the dirty bit set (lazy refcounts)');
-    if (!opts.readOnly && !opts.snapshot && header.incompatibleFeatures & INCOMPAT_DIRTY) {
-      throw new ImageError('image has the dirty bit set (lazy refcounts, not closed cleanly): repair it with "qcow2fs check -r all" or mount it read-only', file.path);
-    }
     const image = new Qcow2Image(file, header, snapshots, l1, fileSize, regions, opts.backing, opts);
     // Validate the refcount structures now, so a bad image fails at open, not at the first write.
     if (image.writer) await image.writer.loadRefcounts();
