@@ -13,6 +13,8 @@ declare -A NEED=(
   [util-linux]=/usr/sbin/losetup
   [sleuthkit]=/usr/bin/mmls
   [fio]=/usr/bin/fio
+  [qemu-system-common]=/usr/bin/qemu-storage-daemon   # the benchmark's peer: QEMU's FUSE export
+  [libqcow-utils]=/usr/bin/qcowmount      # the benchmark's other peer (read-only)
   [kmod]=/usr/bin/kmod
 )
 

@@ -7,6 +7,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { parseArgs } from 'node:util';
 import { cleanupAll, installSignalCleanup } from './cleanup';
+import { exec } from './exec';
 import { fioCommandLine } from './fio';
 import { machineInfo } from './host';
 import { prepareImages } from './images';
@@ -28,6 +29,10 @@ const USAGE = `usage: npm run bench -- [options]
   --workdir DIR      images and mount points (default /var/tmp/qcow2fs-bench)
   --rebuild-images   rebuild the images even if the work directory has them
   --cold-source      do not page-cache the source image before each run
+  --compare DIR      also run the qcow2fs build in checkout DIR as "baseline" (interleaved, same
+                     images), with a qcow2fs / baseline ratio: before/after an optimisation
+  --qcow2fs DIR      benchmark the qcow2fs build in checkout DIR (default: this one), e.g. to
+                     compare before/after an optimisation
   --doc FILE         where to write the report (default docs/PERFORMANCE.md); --no-doc: do not`;
 
 interface Options {
@@ -39,6 +44,9 @@ interface Options {
   rebuild: boolean;
   coldSource: boolean;
   doc: string | null;
+  /** The checkout whose bin/qcow2fs (and dist/) is benchmarked. */
+  qcow2fsRepo: string;
+  baselineRepo: string | null;
 }
 
 function parseOptions(argv: string[]): Options {
@@ -54,6 +62,8 @@ function parseOptions(argv: string[]): Options {
       'rebuild-images': { type: 'boolean', default: false },
       'cold-source': { type: 'boolean', default: false },
       doc: { type: 'string' },
+      qcow2fs: { type: 'string' },
+      compare: { type: 'string' },
       'no-doc': { type: 'boolean', default: false },
       help: { type: 'boolean', short: 'h', default: false },
     },
@@ -73,8 +83,9 @@ function parseOptions(argv: string[]): Options {
     workloads = workloads.filter((w) => ids.includes(w.id));
   }
   if (values.reads) workloads = workloads.filter((w) => !w.writes);
-  const allSystems: SystemId[] = ['qcow2fs', 'qsd', 'qcowmount', 'raw'];
+  const allSystems: SystemId[] = ['qcow2fs', 'baseline', 'qsd', 'qcowmount', 'raw'];
   const systems = values.systems ? (values.systems.split(',').map((s) => s.trim()) as SystemId[]) : allSystems;
+  if (values.compare && !systems.includes('baseline')) systems.push('baseline');
   for (const s of systems) if (!allSystems.includes(s)) throw new Error(`--systems: unknown system ${s} (expected ${allSystems.join(', ')})`);
   return {
     sizes,
@@ -84,8 +95,18 @@ function parseOptions(argv: string[]): Options {
     workdir: path.resolve(values.workdir!),
     rebuild: values['rebuild-images']!,
     coldSource: values['cold-source']!,
+    qcow2fsRepo: path.resolve(values.qcow2fs ?? REPO),
+    baselineRepo: values.compare ? path.resolve(values.compare) : null,
     doc: values['no-doc'] ? null : path.resolve(values.doc ?? path.join(REPO, 'docs', 'PERFORMANCE.md')),
   };
+}
+
+/** "commit abc1234 (with uncommitted changes)" for the checkout that was measured. */
+async function buildOf(repo: string): Promise<string> {
+  const head = await exec('git', ['-C', repo, 'log', '-1', '--format=%h %s']);
+  if (head.code !== 0) return repo;
+  const dirty = (await exec('git', ['-C', repo, 'status', '--porcelain', '--untracked-files=no'])).stdout.trim() !== '';
+  return `commit ${head.stdout.trim()}${dirty ? ' (with uncommitted changes)' : ''}`;
 }
 
 const say = (msg: string): void => void process.stderr.write(`bench: ${msg}\n`);
@@ -94,7 +115,6 @@ async function main(argv: string[]): Promise<number> {
   const o = parseOptions(argv);
   if (process.getuid?.() !== 0) throw new Error('run as root: the benchmark drops page caches, uses loop devices and mounts ext4');
   if (!fs.existsSync('/dev/fuse')) throw new Error('/dev/fuse is missing: this kernel or container has no FUSE');
-  if (!fs.existsSync(path.join(REPO, 'dist', 'cli', 'main.js'))) throw new Error('qcow2fs is not built: run "npm run build"');
   installSignalCleanup();
   await ensureTools(say);
 
@@ -104,7 +124,11 @@ async function main(argv: string[]): Promise<number> {
   if (o.rebuild) fs.rmSync(path.join(o.workdir, `images-${o.sizes.name}`), { recursive: true, force: true });
   const started = Date.now();
   const images = await prepareImages(o.workdir, o.sizes, say);
-  const systems = makeSystems(mountRoot).filter((s) => o.systems.includes(s.id));
+  for (const repo of [o.qcow2fsRepo, ...(o.baselineRepo ? [o.baselineRepo] : [])]) {
+    if (!fs.existsSync(path.join(repo, 'dist', 'cli', 'main.js'))) throw new Error(`qcow2fs is not built in ${repo}: run "npm run build" there`);
+  }
+  const baselineBin = o.baselineRepo ? path.join(o.baselineRepo, 'bin', 'qcow2fs') : undefined;
+  const systems = makeSystems(mountRoot, path.join(o.qcow2fsRepo, 'bin', 'qcow2fs'), baselineBin).filter((s) => o.systems.includes(s.id));
   say(`${o.sizes.name} mode: ${o.workloads.length} workloads x ${systems.length} systems x ${o.repetitions} repetitions`);
 
   const samples = await runAll(o.workloads, systems, {
@@ -139,8 +163,9 @@ async function main(argv: string[]): Promise<number> {
       results,
       resources,
       imageCommands: images.commands,
-      systemCommands: systems.flatMap((s) => (s.canWrite && s.id !== 'raw' ? [s.commandTemplate(false), s.commandTemplate(true)] : [s.commandTemplate(false)])),
+      systemCommands: systems.filter((s) => s.id !== 'baseline').flatMap((s) => (s.canWrite && s.id !== 'raw' ? [s.commandTemplate(false), s.commandTemplate(true)] : [s.commandTemplate(false)])),
       workloadCommands,
+      qcow2fsBuild: (await buildOf(o.qcow2fsRepo)) + (o.baselineRepo ? `; baseline: ${await buildOf(o.baselineRepo)}` : ''),
       invocation: `npm run bench${argv.length ? ' -- ' + argv.join(' ') : ''}`,
     });
     say(`wrote ${path.relative(process.cwd(), o.doc) || o.doc}`);

@@ -81,13 +81,15 @@ function bestPeer(r: Row): Summary | null {
 }
 
 export function resultsTable(rows: readonly Row[], systems: readonly BenchSystem[]): string {
-  const head = ['Workload', 'Unit', ...systems.map((s) => s.label), 'qcow2fs / QSD', 'qcow2fs / best peer'];
+  const withBaseline = systems.some((s) => s.id === 'baseline');
+  const head = ['Workload', 'Unit', ...systems.map((s) => s.label), 'qcow2fs / QSD', 'qcow2fs / best peer', ...(withBaseline ? ['qcow2fs / baseline'] : [])];
   const lines = [`| ${head.join(' | ')} |`, `|${head.map((_, i) => (i < 2 ? '---' : '---:')).join('|')}|`];
   for (const r of rows) {
     const q = r.bySystem.get('qcow2fs');
     const unit = `${r.workload.unit} ${r.workload.better === 'higher' ? '↑' : '↓'}`;
     const cells = systems.map((s) => cell(r.bySystem.get(s.id) ?? null, r.workload.unit));
-    lines.push(`| ${r.workload.title} | ${unit} | ${cells.join(' | ')} | ${ratio(q, r.bySystem.get('qsd'))} | ${ratio(q, bestPeer(r))} |`);
+    const vsBaseline = withBaseline ? ` ${ratio(q, r.bySystem.get('baseline'))} |` : '';
+    lines.push(`| ${r.workload.title} | ${unit} | ${cells.join(' | ')} | ${ratio(q, r.bySystem.get('qsd'))} | ${ratio(q, bestPeer(r))} |${vsBaseline}`);
   }
   return lines.join('\n');
 }
@@ -130,6 +132,8 @@ export interface DocInput {
   systemCommands: readonly string[];
   workloadCommands: readonly string[];
   invocation: string;
+  /** The qcow2fs build measured (commit, and whether its tree had changes). */
+  qcow2fsBuild: string;
 }
 
 const LOG_HEADING = '## Optimisation log';
@@ -160,6 +164,7 @@ regenerated on every run; the "Optimisation log" at the end is kept.
 ## Machine
 
 - CPU: ${m.cpuModel}, ${m.cores} cores; RAM ${gib} GiB; kernel ${m.kernel}; ${m.os}
+- qcow2fs: ${d.qcow2fsBuild}
 - Node ${m.node}; ${Object.entries(m.versions)
     .map(([k, v]) => `${k}: ${v}`)
     .join('; ')}
@@ -195,7 +200,8 @@ ${d.resources}
   ${d.coldSource ? 'the source image was left cold too (--cold-source).' : 'then the source image file is read once (`cat IMAGE > /dev/null`), so the host side is page-cached, as in the issue\'s peer figures. With --cold-source it is left cold.'}
 - Mount to ready: from starting the mount command to a completed 4 KiB read of the raw file
   (for qcow2fs \`qcow2fs mount\` returns when ready; for QSD and qcowmount we poll until the
-  file has its full size).
+  file has its full size). The page cache is not dropped first, so the figure is mounting, not
+  loading node or QEMU from disk.
 - ext4: \`losetup --find --show FILE; mkfs.ext4 -q -F LOOP; mount LOOP MNT; tar -xf tree.tar -C MNT;
   sync -f MNT; umount MNT\` is timed; then \`e2fsck -fn LOOP\` must exit 0; \`losetup -d LOOP\`.
 

@@ -115,7 +115,7 @@ async function runOne(w: Workload, sys: BenchSystem, rep: number, o: RunOptions)
   try {
     inst = await instanceFor(w.image, w.writes, sys, o);
     const req = { image: inst.path, writable: w.writes, virtualBytes: inst.virtualBytes };
-    await dropCaches();
+    if (w.dropCaches) await dropCaches();
     if (!o.coldSource) await warmFile(inst.path);
 
     if (w.measure.kind === 'mount-to-ready') {

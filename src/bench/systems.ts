@@ -13,7 +13,8 @@ import { onCleanup } from './cleanup';
 import { commandLine, exec, firstLine, must, sleep } from './exec';
 import { findProcesses, processAlive } from './host';
 
-export type SystemId = 'qcow2fs' | 'qsd' | 'qcowmount' | 'raw';
+/** 'baseline': another qcow2fs build (--compare DIR), to measure an optimisation in the same run. */
+export type SystemId = 'qcow2fs' | 'baseline' | 'qsd' | 'qcowmount' | 'raw';
 
 export interface AttachRequest {
   /** The qcow2 image (for 'raw': the raw file). */
@@ -42,8 +43,6 @@ export interface BenchSystem {
   commandTemplate(writable: boolean): string;
 }
 
-const REPO = path.resolve(__dirname, '..', '..');
-const QCOW2FS_BIN = path.join(REPO, 'bin', 'qcow2fs');
 const READY_TIMEOUT_MS = 20_000;
 
 async function waitUntil(what: string, ok: () => boolean, failed: () => string | null, timeoutMs = READY_TIMEOUT_MS): Promise<void> {
@@ -102,31 +101,37 @@ function once<T>(f: () => T): () => T {
   };
 }
 
-export function makeSystems(mountRoot: string): BenchSystem[] {
+/**
+ * `qcow2fsBin`: the launcher to benchmark (this checkout's bin/qcow2fs, or another build's);
+ * `baselineBin`: another build to run side by side as 'baseline'.
+ */
+export function makeSystems(mountRoot: string, qcow2fsBin: string, baselineBin?: string): BenchSystem[] {
   fs.mkdirSync(mountRoot, { recursive: true });
 
-  const qcow2fs: BenchSystem = {
-    id: 'qcow2fs',
-    label: 'qcow2fs',
+  const qcow2fsSystem = (id: 'qcow2fs' | 'baseline', label: string, bin: string): BenchSystem => ({
+    id,
+    label,
     canWrite: true,
     servesQcow2: true,
     commandTemplate: (w) => `node bin/qcow2fs mount${w ? '' : ' -r'} IMAGE MP   # file MP/<name>.raw; qcow2fs umount MP`,
     async attach(req) {
-      const mp = path.join(mountRoot, 'qcow2fs');
+      const mp = path.join(mountRoot, id);
       fs.mkdirSync(mp, { recursive: true });
-      const args = [QCOW2FS_BIN, 'mount', ...(req.writable ? [] : ['-r']), req.image, mp];
+      const args = [bin, 'mount', ...(req.writable ? [] : ['-r']), req.image, mp];
       const r = await exec(process.execPath, args);
       if (r.code !== 0) throw new Error(`qcow2fs mount: ${firstLine(r.stderr) || `exit status ${r.code}`}`);
       const pid = once(() => findProcesses((a) => a.includes('--daemon-of') && a[a.indexOf('--daemon-of') + 1] === mp)[0] ?? null);
-      const undo = onCleanup(`qcow2fs mount ${mp}`, async () => {
+      const undo = onCleanup(`${label} mount ${mp}`, async () => {
         const p = pid();
-        const u = await exec(process.execPath, [QCOW2FS_BIN, 'umount', mp], { timeoutMs: 120_000 });
+        const u = await exec(process.execPath, [bin, 'umount', mp], { timeoutMs: 120_000 });
         if (u.code !== 0 || (p !== null && processAlive(p)) || isFuseMounted(mp)) await stopDaemon(p, mp);
       });
       const file = path.join(mp, rawFileName(req.image));
       return { file, pid, detach: undo };
     },
-  };
+  });
+  const qcow2fs = qcow2fsSystem('qcow2fs', 'qcow2fs', qcow2fsBin);
+  const baseline = baselineBin ? [qcow2fsSystem('baseline', 'baseline', baselineBin)] : [];
 
   const qsd: BenchSystem = {
     id: 'qsd',
@@ -205,7 +210,7 @@ export function makeSystems(mountRoot: string): BenchSystem[] {
     },
   };
 
-  return [qcow2fs, qsd, qcowmount, raw];
+  return [qcow2fs, ...baseline, qsd, qcowmount, raw];
 }
 
 function qsdArgs(image: string, exportFile: string, writable: boolean): string[] {
@@ -219,7 +224,7 @@ function qsdArgs(image: string, exportFile: string, writable: boolean): string[]
 
 /** Unmounts whatever an interrupted earlier run left under `mountRoot`. */
 export async function clearStaleMounts(mountRoot: string): Promise<void> {
-  for (const name of ['qcow2fs', 'qcowmount', 'qsd-export.raw', 'fs']) {
+  for (const name of ['qcow2fs', 'baseline', 'qcowmount', 'qsd-export.raw', 'fs']) {
     const mp = path.join(mountRoot, name);
     const m = findMount(mp);
     if (!m) continue;
