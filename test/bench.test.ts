@@ -123,12 +123,13 @@ describe('report', () => {
         date: new Date(0), mode: 'quick', repetitions: 2, coldSource: false, results: '| t |', resources: '| r |',
         machine: { cpuModel: 'cpu', cores: 2, ramBytes: 8 * 1024 ** 3, kernel: '6.1', os: 'Debian', node: 'v20', versions: { fio: 'fio-3.33' } },
         imageCommands: ['qemu-img create x'], systemCommands: ['qemu-storage-daemon ...'], workloadCommands: ['fio --name=x'],
-        invocation: 'npm run bench -- --quick', qcow2fsBuild: 'commit abc',
+        invocation: 'npm run bench -- --quick', qcow2fsBuild: 'commit abc', loadAverage: { start: 0.5, end: 3 },
       },
       keptLog(old),
     );
     expect(doc).toContain('2 cores; RAM 8.0 GiB; kernel 6.1');
     expect(doc).toContain('fio --name=x');
+    expect(doc).toContain('at start 0.50, at end 3.00 — **the machine was busy');
     expect(doc.endsWith('- zlib: one chunk per cluster, 128 -> 149 MiB/s\n')).toBe(true);
   });
 });

@@ -4,6 +4,7 @@
  * (issue 6). Prints a Markdown table and writes docs/PERFORMANCE.md.
  */
 import * as fs from 'node:fs';
+import * as os from 'node:os';
 import * as path from 'node:path';
 import { parseArgs } from 'node:util';
 import { cleanupAll, installSignalCleanup } from './cleanup';
@@ -123,6 +124,8 @@ async function main(argv: string[]): Promise<number> {
   await clearStaleMounts(mountRoot);
   if (o.rebuild) fs.rmSync(path.join(o.workdir, `images-${o.sizes.name}`), { recursive: true, force: true });
   const started = Date.now();
+  const loadAtStart = os.loadavg()[0]!;
+  if (loadAtStart > os.cpus().length / 2) say(`warning: load average ${loadAtStart.toFixed(2)} on ${os.cpus().length} cores: other work will make the figures noisy`);
   const images = await prepareImages(o.workdir, o.sizes, say);
   for (const repo of [o.qcow2fsRepo, ...(o.baselineRepo ? [o.baselineRepo] : [])]) {
     if (!fs.existsSync(path.join(repo, 'dist', 'cli', 'main.js'))) throw new Error(`qcow2fs is not built in ${repo}: run "npm run build" there`);
@@ -165,6 +168,7 @@ async function main(argv: string[]): Promise<number> {
       imageCommands: images.commands,
       systemCommands: systems.filter((s) => s.id !== 'baseline').flatMap((s) => (s.canWrite && s.id !== 'raw' ? [s.commandTemplate(false), s.commandTemplate(true)] : [s.commandTemplate(false)])),
       workloadCommands,
+      loadAverage: { start: loadAtStart, end: os.loadavg()[0]! },
       qcow2fsBuild: (await buildOf(o.qcow2fsRepo)) + (o.baselineRepo ? `; baseline: ${await buildOf(o.baselineRepo)}` : ''),
       invocation: `npm run bench${argv.length ? ' -- ' + argv.join(' ') : ''}`,
     });

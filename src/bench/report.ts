@@ -132,6 +132,8 @@ export interface DocInput {
   systemCommands: readonly string[];
   workloadCommands: readonly string[];
   invocation: string;
+  /** 1-minute load average when the run started and when it ended: other work on the machine. */
+  loadAverage: { start: number; end: number };
   /** The qcow2fs build measured (commit, and whether its tree had changes). */
   qcow2fsBuild: string;
 }
@@ -164,6 +166,9 @@ regenerated on every run; the "Optimisation log" at the end is kept.
 ## Machine
 
 - CPU: ${m.cpuModel}, ${m.cores} cores; RAM ${gib} GiB; kernel ${m.kernel}; ${m.os}
+- Load average (1 min) at start ${d.loadAverage.start.toFixed(2)}, at end ${d.loadAverage.end.toFixed(2)}${
+    Math.max(d.loadAverage.start, d.loadAverage.end) > m.cores / 2 ? ' — **the machine was busy with other work: figures are noisy**' : ''
+  }
 - qcow2fs: ${d.qcow2fsBuild}
 - Node ${m.node}; ${Object.entries(m.versions)
     .map(([k, v]) => `${k}: ${v}`)
