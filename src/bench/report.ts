@@ -179,9 +179,9 @@ regenerated on every run; the "Optimisation log" at the end is kept.
 Each cell is the median (min–max) over the repetitions. ↑ higher is better, ↓ lower is better.
 "qcow2fs / QSD" and "qcow2fs / best peer" are ratios of the medians (best peer: the better of QSD
 and qcowmount on that line). QSD is \`qemu-storage-daemon --export type=fuse\`; the raw file (no
-FUSE) is the ceiling. "n/a (error: ...)" means that system failed the workload (for qcow2fs
-before the write path lands: writes fail with EROFS); "—" means it does not take part (qcowmount
-is read-only; mount time means nothing for a plain file).
+FUSE) is the ceiling. "n/a (error: ...)" means that system failed the workload (e.g. EROFS from
+a qcow2fs build without the write path; qcowmount cannot read zstd images); "—" means it does not
+take part (qcowmount is read-only; mount time means nothing for a plain file).
 
 ${d.results}
 
