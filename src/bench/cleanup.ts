@@ -3,6 +3,8 @@
  * its undo here. Undos run newest first, so an ext4 mount goes before its loop device and the
  * loop device before the FUSE file under it, on success, on failure and on Ctrl-C alike.
  */
+import { stopRunningTools } from './exec';
+
 export type Undo = () => Promise<void>;
 
 interface Entry {
@@ -54,7 +56,9 @@ export function installSignalCleanup(): void {
     }
     caught = true;
     process.stderr.write(`\nbench: ${sig}: unmounting and detaching everything...\n`);
-    cleanupAll().finally(() => process.exit(code));
+    stopRunningTools()
+      .then(() => cleanupAll())
+      .finally(() => process.exit(code));
   };
   process.on('SIGINT', () => handler('SIGINT', 130));
   process.on('SIGTERM', () => handler('SIGTERM', 143));

@@ -2,7 +2,7 @@
  * Running external tools for the benchmark: asynchronously (so Ctrl-C handlers can run while a
  * tool works), with the output captured and a one-line error when a tool fails.
  */
-import { spawn, type SpawnOptions } from 'node:child_process';
+import { spawn, type ChildProcess, type SpawnOptions } from 'node:child_process';
 
 export interface ExecResult {
   code: number;
@@ -16,14 +16,42 @@ export interface ExecOptions {
   env?: NodeJS.ProcessEnv;
   /** Kill the tool (SIGKILL) after this many milliseconds. */
   timeoutMs?: number;
+  /** An undo step: runs even after an interrupt. */
+  forCleanup?: boolean;
 }
+
+export const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+
+/** Tools running right now (so an interrupt can stop them before undoing what they use). */
+const running = new Set<ChildProcess>();
+let interrupted = false;
+
+/**
+ * After an interrupt: start no new tool except for cleanup (`forCleanup`), and stop the running
+ * ones (a `tar` still writing into the ext4 mount would keep it busy). Resolves once they exited.
+ */
+export async function stopRunningTools(): Promise<void> {
+  interrupted = true;
+  const live = [...running];
+  for (const c of live) c.kill('SIGTERM');
+  const deadline = Date.now() + 5000;
+  while ([...running].some((c) => live.includes(c)) && Date.now() < deadline) await sleep(20);
+  for (const c of live) if (running.has(c)) c.kill('SIGKILL');
+}
+
+export const isInterrupted = (): boolean => interrupted;
 
 /** Runs `cmd args`; resolves with its exit status and output, never rejects on a non-zero status. */
 export function exec(cmd: string, args: readonly string[], opts: ExecOptions = {}): Promise<ExecResult> {
   return new Promise((resolve, reject) => {
+    if (interrupted && !opts.forCleanup) {
+      reject(new Error('interrupted'));
+      return;
+    }
     const started = process.hrtime.bigint();
     const spawnOpts: SpawnOptions = { stdio: ['ignore', 'pipe', 'pipe'], cwd: opts.cwd, env: opts.env ?? process.env };
     const child = spawn(cmd, args, spawnOpts);
+    running.add(child);
     const out: Buffer[] = [];
     const err: Buffer[] = [];
     child.stdout?.on('data', (d: Buffer) => out.push(d));
@@ -31,10 +59,12 @@ export function exec(cmd: string, args: readonly string[], opts: ExecOptions = {
     let timer: NodeJS.Timeout | null = null;
     if (opts.timeoutMs) timer = setTimeout(() => child.kill('SIGKILL'), opts.timeoutMs);
     child.on('error', (e) => {
+      running.delete(child);
       if (timer) clearTimeout(timer);
       reject(new Error(`cannot run ${cmd}: ${e.message}`));
     });
     child.on('close', (code, signal) => {
+      running.delete(child);
       if (timer) clearTimeout(timer);
       resolve({
         code: code ?? (signal ? 128 : 1),
@@ -74,4 +104,4 @@ export function commandLine(cmd: string, args: readonly string[]): string {
   return [cmd, ...args].map(quote).join(' ');
 }
 
-export const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+

@@ -6,7 +6,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { onCleanup } from './cleanup';
-import { exec, firstLine, must } from './exec';
+import { exec, firstLine, isInterrupted, must, sleep } from './exec';
 import { runFio } from './fio';
 import { cpuSeconds, dropCaches, peakRssBytes, warmFile } from './host';
 import { freshCopy, freshEmptyQcow2, freshEmptyRaw, TIB, type ImageSet } from './images';
@@ -85,17 +85,27 @@ async function readFirstSector(file: string): Promise<void> {
   }
 }
 
+/** umount, retried while something still lets go of the mount; lazily as the last resort. */
+async function unmountExt4(mnt: string): Promise<void> {
+  for (let attempt = 0; attempt < 10; attempt++) {
+    const r = await exec('umount', [mnt], { forCleanup: true });
+    if (r.code === 0) return;
+    await sleep(200);
+  }
+  await must('umount', ['-l', mnt], { forCleanup: true });
+}
+
 /** mkfs.ext4 + mount + untar + sync + umount on a loop device over `file`; returns seconds. */
 async function fsPopulate(file: string, o: RunOptions): Promise<number> {
   const loop = (await must('losetup', ['--find', '--show', file])).trim();
-  const detachLoop = onCleanup(`loop device ${loop}`, async () => void (await exec('losetup', ['-d', loop])));
+  const detachLoop = onCleanup(`loop device ${loop}`, async () => void (await exec('losetup', ['-d', loop], { forCleanup: true })));
   try {
     const mnt = path.join(o.workdir, 'mnt', 'fs');
     fs.mkdirSync(mnt, { recursive: true });
     const t0 = process.hrtime.bigint();
     await must('mkfs.ext4', ['-q', '-F', loop]);
     await must('mount', [loop, mnt]);
-    const unmountFs = onCleanup(`ext4 on ${mnt}`, async () => void (await must('umount', [mnt])));
+    const unmountFs = onCleanup(`ext4 on ${mnt}`, () => unmountExt4(mnt));
     await must('tar', ['-xf', o.images.treeTar, '-C', mnt]);
     await must('sync', ['-f', mnt]);
     await unmountFs();
@@ -180,6 +190,7 @@ export async function runAll(workloads: readonly Workload[], systems: readonly B
     o.say(`[${i + 1}/${workloads.length}] ${w.id}: ${w.title}`);
     for (let rep = 1; rep <= o.repetitions; rep++) {
       for (const sys of those) {
+        if (isInterrupted()) throw new Error('interrupted');
         const s = await runOne(w, sys, rep, o);
         samples.push(s);
         o.say(`    rep ${rep}/${o.repetitions} ${sys.label.padEnd(10)} ${show(s, w)}`);

@@ -10,7 +10,7 @@ import * as path from 'node:path';
 import { rawFileName } from '../fuse/layout';
 import { findMount } from '../fuse/mounts';
 import { onCleanup } from './cleanup';
-import { commandLine, exec, firstLine, must, sleep } from './exec';
+import { commandLine, exec, firstLine, isInterrupted, must, sleep } from './exec';
 import { findProcesses, processAlive } from './host';
 
 /** 'baseline': another qcow2fs build (--compare DIR), to measure an optimisation in the same run. */
@@ -86,7 +86,7 @@ async function stopDaemon(pid: number | null, mountpoint: string): Promise<void>
       }
     }
   }
-  if (isFuseMounted(mountpoint)) await exec('fusermount', ['-u', '-z', mountpoint]);
+  if (isFuseMounted(mountpoint)) await exec('fusermount', ['-u', '-z', mountpoint], { forCleanup: true });
 }
 
 function once<T>(f: () => T): () => T {
@@ -123,7 +123,7 @@ export function makeSystems(mountRoot: string, qcow2fsBin: string, baselineBin?:
       const pid = once(() => findProcesses((a) => a.includes('--daemon-of') && a[a.indexOf('--daemon-of') + 1] === mp)[0] ?? null);
       const undo = onCleanup(`${label} mount ${mp}`, async () => {
         const p = pid();
-        const u = await exec(process.execPath, [bin, 'umount', mp], { timeoutMs: 120_000 });
+        const u = await exec(process.execPath, [bin, 'umount', mp], { timeoutMs: 120_000, forCleanup: true });
         if (u.code !== 0 || (p !== null && processAlive(p)) || isFuseMounted(mp)) await stopDaemon(p, mp);
       });
       const file = path.join(mp, rawFileName(req.image));
@@ -143,6 +143,7 @@ export function makeSystems(mountRoot: string, qcow2fsBin: string, baselineBin?:
       const exportFile = path.join(mountRoot, 'qsd-export.raw');
       if (isFuseMounted(exportFile)) throw new Error(`${exportFile} is still mounted from an earlier run`);
       fs.writeFileSync(exportFile, '');
+      if (isInterrupted()) throw new Error('interrupted');
       const child = spawn('qemu-storage-daemon', qsdArgs(req.image, exportFile, req.writable), {
         detached: true, // its own process group: a Ctrl-C reaches us, and we stop it in order
         stdio: ['ignore', 'ignore', 'pipe'],
@@ -184,7 +185,7 @@ export function makeSystems(mountRoot: string, qcow2fsBin: string, baselineBin?:
       const pid = once(() => findProcesses((a) => path.basename(a[0] ?? '') === 'qcowmount' && a.includes(mp))[0] ?? null);
       const undo = onCleanup(`qcowmount ${mp}`, async () => {
         const p = pid();
-        await exec('fusermount', ['-u', mp]);
+        await exec('fusermount', ['-u', mp], { forCleanup: true });
         const deadline = Date.now() + 5000;
         while (p !== null && processAlive(p) && Date.now() < deadline) await sleep(10);
         if ((p !== null && processAlive(p)) || isFuseMounted(mp)) await stopDaemon(p, mp);
@@ -228,7 +229,7 @@ export async function clearStaleMounts(mountRoot: string): Promise<void> {
     const mp = path.join(mountRoot, name);
     const m = findMount(mp);
     if (!m) continue;
-    if (m.fstype.startsWith('fuse')) await exec('fusermount', ['-u', '-z', mp]);
-    else await must('umount', ['-l', mp]);
+    if (m.fstype.startsWith('fuse')) await exec('fusermount', ['-u', '-z', mp], { forCleanup: true });
+    else await must('umount', ['-l', mp], { forCleanup: true });
   }
 }
