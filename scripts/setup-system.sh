@@ -13,10 +13,9 @@ declare -A NEED=(
   [util-linux]=/usr/sbin/losetup
   [sleuthkit]=/usr/bin/mmls
   [fio]=/usr/bin/fio
-  [qemu-system-common]=/usr/bin/qemu-storage-daemon   # the benchmark's peer: QEMU's FUSE export
+  [qemu-system-common]=/usr/bin/qemu-storage-daemon   # QEMU's FUSE export: the benchmark's peer; locking tests
   [libqcow-utils]=/usr/bin/qcowmount      # the benchmark's other peer (read-only)
   [kmod]=/usr/bin/kmod
-  [qemu-system-common]=/usr/bin/qemu-storage-daemon   # locking tests: QEMU holding an image
   [g++]=/usr/bin/g++                      # the image-locking addon (native/, built by node-gyp)
   [make]=/usr/bin/make
 )
