@@ -1,7 +1,8 @@
 #!/usr/bin/env node
 'use strict';
 /*
- * Builds native/qcow2fs_lock.node (fcntl OFD locks, see native/ofd_lock.c) with node-gyp, which
+ * Builds native/qcow2fs_lock.node (fcntl OFD locks, native/ofd_lock.c) and qcow2fs_io.node
+ * (preadv2 RWF_NOWAIT, native/pread_nowait.c) with node-gyp, which
  * npm bundles. Runs from `npm run build` and from `npm ci` (the root package's own install script
  * runs even where npm skips dependencies' scripts). Skips the build when the addon is newer than
  * its sources. Headers come from npm's nodedir setting, else from the running Node's own
@@ -12,8 +13,8 @@ const path = require('path');
 const { spawnSync } = require('child_process');
 
 const dir = path.resolve(__dirname, '..', 'native');
-const out = path.join(dir, 'build', 'Release', 'qcow2fs_lock.node');
-const sources = ['ofd_lock.c', 'binding.gyp'].map((f) => path.join(dir, f));
+const outs = ['qcow2fs_lock.node', 'qcow2fs_io.node'].map((f) => path.join(dir, 'build', 'Release', f));
+const sources = ['ofd_lock.c', 'pread_nowait.c', 'binding.gyp'].map((f) => path.join(dir, f));
 
 function mtime(p) {
   try {
@@ -23,7 +24,7 @@ function mtime(p) {
   }
 }
 
-if (process.argv.includes('--if-needed') && mtime(out) > Math.max(...sources.map(mtime))) process.exit(0);
+if (process.argv.includes('--if-needed') && Math.min(...outs.map(mtime)) > Math.max(...sources.map(mtime))) process.exit(0);
 
 function findNodeGyp() {
   const candidates = [
@@ -45,7 +46,7 @@ if (!process.env.npm_config_nodedir && fs.existsSync(path.join(prefix, 'include'
   args.push(`--nodedir=${prefix}`);
 }
 const r = spawnSync(process.execPath, args, { stdio: ['ignore', 'ignore', 'inherit'] });
-if (r.status !== 0 || !fs.existsSync(out)) {
-  process.stderr.write('build-native: building the image-locking addon failed (needs g++, make, python3)\n');
+if (r.status !== 0 || !outs.every((o) => fs.existsSync(o))) {
+  process.stderr.write('build-native: building the native addons failed (needs g++, make, python3)\n');
   process.exit(1);
 }
