@@ -10,7 +10,7 @@ import Fuse from 'fuse-native';
 import { describeSystemError, UsageError } from '../errors';
 import { log } from '../log';
 import type { Layout } from './layout';
-import { findMount, isStaleFuseMount } from './mounts';
+import { findMount, fuseDeviceFds, isStaleFuseMount } from './mounts';
 import { makeOps, type OpsState } from './ops';
 
 export const FUSE_SUBTYPE = 'qcow2fs';
@@ -78,6 +78,8 @@ export class FuseMount {
     readonly fuse: Fuse,
     readonly layout: Layout,
     private readonly state: OpsState,
+    /** The /dev/fuse descriptors this mount's session opened (empty if unknown). */
+    private readonly sessionFds: ReadonlySet<number>,
   ) {}
 
   static async mount(mountpoint: string, layout: Layout, opts: FuseMountOptions): Promise<FuseMount> {
@@ -101,11 +103,13 @@ export class FuseMount {
       },
       extra,
     );
+    const fdsBefore = fuseDeviceFds();
     await new Promise<void>((resolve, reject) =>
       fuse.mount((err) => (err ? reject(new UsageError(`cannot mount on ${mountpoint}: ${err.message}`)) : resolve())),
     );
     log.info({ mountpoint, source: opts.fsname }, 'mounted');
-    return new FuseMount(mountpoint, fuse, layout, state);
+    const sessionFds = new Set([...fuseDeviceFds()].filter((fd) => !fdsBefore.has(fd)));
+    return new FuseMount(mountpoint, fuse, layout, state, sessionFds);
   }
 
   /** True while the kernel still lists our mount. */
@@ -114,14 +118,23 @@ export class FuseMount {
     return !!m && m.fstype === `fuse.${FUSE_SUBTYPE}`;
   }
 
+  /** True once libfuse has closed this session's /dev/fuse descriptor: the kernel connection is over. */
+  private sessionEnded(): boolean {
+    if (this.sessionFds.size === 0) return false;
+    const open = fuseDeviceFds();
+    return ![...this.sessionFds].some((fd) => open.has(fd));
+  }
+
   /**
    * Calls `onGone` once umount(8) or fusermount -u has taken the mount away and no file is open
-   * on it any more (after a lazy unmount, open files keep working until closed). The interval
-   * also keeps the event loop alive: fuse-native's own handles do not.
+   * on it any more (after a lazy unmount, open files keep working until closed). The kernel does
+   * not always deliver RELEASE for the last file of a detached mount, so the end of the FUSE
+   * session counts too. The interval also keeps the event loop alive: fuse-native's own handles
+   * do not.
    */
   watchExternalUnmount(onGone: () => void, intervalMs = 250): void {
     this.poller = setInterval(() => {
-      if (!this.stopped && this.state.openHandles === 0 && !this.isMounted()) {
+      if (!this.stopped && !this.isMounted() && (this.state.openHandles === 0 || this.sessionEnded())) {
         log.info({ mountpoint: this.mountpoint }, 'unmounted from outside');
         onGone();
       }

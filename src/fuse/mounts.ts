@@ -33,13 +33,17 @@ export function findMount(mountpoint: string): MountEntry | undefined {
     .pop();
 }
 
-/** True when stat(2) of the path fails with ENOTCONN: a FUSE mount whose daemon is gone. */
+/**
+ * True when stat(2) of the path fails with ENOTCONN (or ECONNABORTED, which some kernels return
+ * for a connection torn down mid-request): a FUSE mount whose daemon is gone.
+ */
 export function isStaleFuseMount(mountpoint: string): boolean {
   try {
     fs.statSync(mountpoint);
     return false;
   } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'ENOTCONN';
+    const code = (err as NodeJS.ErrnoException).code;
+    return code === 'ENOTCONN' || code === 'ECONNABORTED';
   }
 }
 
@@ -73,4 +77,27 @@ export function processAlive(pid: number): boolean {
   } catch {
     return false;
   }
+}
+
+/**
+ * Descriptors of this process that are open on /dev/fuse. libfuse holds one per session and
+ * closes it when its loop ends (the kernel connection is gone), so a lazily detached mount whose
+ * last open file was closed shows up here even though no RELEASE ever reached us.
+ */
+export function fuseDeviceFds(): Set<number> {
+  const out = new Set<number>();
+  let names: string[];
+  try {
+    names = fs.readdirSync('/proc/self/fd');
+  } catch {
+    return out;
+  }
+  for (const name of names) {
+    try {
+      if (fs.readlinkSync(`/proc/self/fd/${name}`) === '/dev/fuse') out.add(Number(name));
+    } catch {
+      // Closed meanwhile.
+    }
+  }
+  return out;
 }
