@@ -9,7 +9,7 @@ import type { Argv } from 'yargs';
 import { UsageError } from '../errors';
 import { launchDaemon, signalReady } from '../fuse/daemon';
 import { Layout, rawFileName, type NodeMeta } from '../fuse/layout';
-import { FuseMount } from '../fuse/mount';
+import { checkMountpoint, FuseMount } from '../fuse/mount';
 import { openImage, type OpenedImage } from '../image/open';
 import { parseFormat } from '../image/probe';
 import { log } from '../log';
@@ -95,7 +95,9 @@ async function daemonize(argv: MountArgs): Promise<void> {
   const image = path.resolve(argv.image);
   const mountpoint = path.resolve(argv.mountpoint);
   if (!fs.existsSync(image)) throw new UsageError(`image ${image}: no such file or directory`);
-  if (!fs.existsSync(mountpoint)) throw new UsageError(`mountpoint ${mountpoint}: no such file or directory`);
+  // Before starting a daemon: a stale, busy, missing or non-directory mountpoint gets its own message
+  // (existsSync would call a stale FUSE mount "no such file").
+  checkMountpoint(mountpoint);
   const args = ['mount', image, mountpoint, '--ready-fd', '3', '--daemon-of', mountpoint];
   if (argv['read-only']) args.push('--read-only');
   if (argv.format) args.push('--format', argv.format);
