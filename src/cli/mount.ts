@@ -10,6 +10,7 @@ import { UsageError } from '../errors';
 import { launchDaemon, signalReady } from '../fuse/daemon';
 import { Layout, rawFileName, type NodeMeta } from '../fuse/layout';
 import { checkMountpoint, FuseMount } from '../fuse/mount';
+import { canonicalMountpoint } from '../fuse/mounts';
 import { openImage, type OpenedImage } from '../image/open';
 import { parseFormat } from '../image/probe';
 import { log } from '../log';
@@ -41,7 +42,7 @@ export async function buildLayout(imagePath: string, opened: OpenedImage): Promi
 /** The daemon's (or --foreground's) side: open, mount, report ready, serve until stopped. */
 async function serve(argv: MountArgs): Promise<void> {
   const image = path.resolve(argv.image);
-  const mountpoint = path.resolve(argv.mountpoint);
+  const mountpoint = canonicalMountpoint(argv.mountpoint);
   const readyFd = argv['ready-fd'];
   let opened: OpenedImage | null = null;
   let mount: FuseMount;
@@ -93,7 +94,7 @@ export function mountCommandHandler(argv: MountArgs): Promise<number | void> {
 
 async function daemonize(argv: MountArgs): Promise<void> {
   const image = path.resolve(argv.image);
-  const mountpoint = path.resolve(argv.mountpoint);
+  const mountpoint = canonicalMountpoint(argv.mountpoint);
   if (!fs.existsSync(image)) throw new UsageError(`image ${image}: no such file or directory`);
   // Before starting a daemon: a stale, busy, missing or non-directory mountpoint gets its own message
   // (existsSync would call a stale FUSE mount "no such file").

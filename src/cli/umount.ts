@@ -1,10 +1,9 @@
 /** `qcow2fs umount MOUNTPOINT [--lazy]`: unmount, then wait until the daemon has flushed, closed the image and exited. */
 import { execFile } from 'node:child_process';
-import * as path from 'node:path';
 import type { Argv } from 'yargs';
 import { UsageError } from '../errors';
 import { FUSE_SUBTYPE } from '../fuse/mount';
-import { findDaemons, findMount, isStaleFuseMount, processAlive } from '../fuse/mounts';
+import { canonicalMountpoint, findDaemons, findMount, isStaleFuseMount, processAlive } from '../fuse/mounts';
 import { log } from '../log';
 import { runCommand, type GlobalArgs } from './common';
 
@@ -24,7 +23,7 @@ function run(cmd: string, args: string[]): Promise<{ code: number; stderr: strin
 }
 
 export async function unmount(mountpointArg: string, opts: { lazy: boolean; timeoutSeconds: number }): Promise<void> {
-  const mp = path.resolve(mountpointArg);
+  const mp = canonicalMountpoint(mountpointArg);
   const stale = isStaleFuseMount(mp);
   const entry = findMount(mp);
   if (!entry) throw new UsageError(`${mp} is not mounted`);

@@ -4,13 +4,12 @@
  * flushes and closes every device before the process exits.
  */
 import * as fs from 'node:fs';
-import * as path from 'node:path';
 import { execFile } from 'node:child_process';
 import Fuse from 'fuse-native';
 import { describeSystemError, UsageError } from '../errors';
 import { log } from '../log';
 import type { Layout } from './layout';
-import { findMount, fuseDeviceFds, isStaleFuseMount } from './mounts';
+import { canonicalMountpoint, findMount, fuseDeviceFds, isStaleFuseMount } from './mounts';
 import { makeOps, type OpsState } from './ops';
 
 export const FUSE_SUBTYPE = 'qcow2fs';
@@ -83,7 +82,7 @@ export class FuseMount {
   ) {}
 
   static async mount(mountpoint: string, layout: Layout, opts: FuseMountOptions): Promise<FuseMount> {
-    mountpoint = path.resolve(mountpoint);
+    mountpoint = canonicalMountpoint(mountpoint);
     checkMountpoint(mountpoint);
     const state: OpsState = { openHandles: 0 };
     const ops = makeOps(layout, { readOnly: opts.readOnly }, state);

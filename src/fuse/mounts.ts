@@ -1,5 +1,6 @@
 /** Reading the kernel's mount table (/proc/self/mountinfo) and finding our daemons in /proc. */
 import * as fs from 'node:fs';
+import * as path from 'node:path';
 
 export interface MountEntry {
   mountpoint: string;
@@ -100,4 +101,30 @@ export function fuseDeviceFds(): Set<number> {
     }
   }
   return out;
+}
+
+/**
+ * The path the kernel lists a mount under (/proc/self/mountinfo holds real paths): `p` with
+ * symlinks resolved. A stale FUSE mount cannot be stat'ed, so then resolve the symlinks leading
+ * to it and the parent directory, and keep the last component.
+ */
+export function canonicalMountpoint(p: string, depth = 0): string {
+  const abs = path.resolve(p);
+  try {
+    return fs.realpathSync(abs);
+  } catch {
+    // Missing, or a dead FUSE mount: resolve what can be resolved.
+  }
+  try {
+    if (depth < 40 && fs.lstatSync(abs).isSymbolicLink()) {
+      return canonicalMountpoint(path.resolve(path.dirname(abs), fs.readlinkSync(abs)), depth + 1);
+    }
+  } catch {
+    // lstat of a stale mountpoint fails too.
+  }
+  try {
+    return path.join(fs.realpathSync(path.dirname(abs)), path.basename(abs));
+  } catch {
+    return abs;
+  }
 }
