@@ -135,6 +135,38 @@ describe('relative paths', () => {
   });
 });
 
+describe('symlinked mountpoint', () => {
+  it('stays mounted and unmounts through the symlink (the kernel lists the real path)', async () => {
+    const dir = scratchDir('symlink');
+    const img = smallImage(dir);
+    const real = path.join(dir, 'real');
+    fs.mkdirSync(real);
+    fs.symlinkSync('real', path.join(dir, 'link'));
+    fs.symlinkSync(dir, path.join(dir, 'self')); // a symlinked parent directory too
+    const via = path.join(dir, 'self', 'link');
+    try {
+      const r = qcow2fs(['mount', '--read-only', img, via]);
+      expect(r.stderr).toBe('');
+      expect(r.code).toBe(0);
+      const pids = daemonPids(real);
+      expect(pids).toHaveLength(1);
+      // The daemon must not mistake the symlink for an unmount (it polls every 250 ms).
+      await new Promise((res) => setTimeout(res, 1000));
+      expect(alive(pids[0]!)).toBe(true);
+      expect(isMounted(real)).toBe(true);
+      expect(sha256File(path.join(via, 'disk.raw'))).toBe(qemuRawSha(img));
+      oneLine(qcow2fs(['mount', img, via]), /is busy/);
+      const u = qcow2fs(['umount', via]);
+      expect(u.stderr).toBe('');
+      expect(u.code).toBe(0);
+      expect(alive(pids[0]!)).toBe(false);
+      expect(isMounted(real)).toBe(false);
+    } finally {
+      forceUnmount(real);
+    }
+  });
+});
+
 describe('mount errors are one line', () => {
   it('refuses a busy mountpoint, a missing mountpoint, a missing image and a file as mountpoint', async () => {
     const dir = scratchDir('errs');
