@@ -177,7 +177,7 @@ async function openTopOnly(p: string, format: ImageFormat | undefined): Promise<
     const probed = probeFormat(head, p);
     const fmt = format ?? probed;
     if (fmt === 'raw') return { device: await RawImage.open(file), format: 'raw' };
-    if (probed !== 'qcow2') throw new UsageError(`${p}: not a qcow2 image (bad magic)`);
+    if (probed !== 'qcow2') throw new UsageError(`${p}: bad magic 0x${head.readUInt32BE(0).toString(16).padStart(8, '0')}: not a qcow2 image`);
     const known = await readHeader(file);
     return { device: await Qcow2Image.open(file, { readOnly: true, backing: null, l2CacheBytes: 0 }, known), format: 'qcow2' };
   } catch (err) {
