@@ -474,6 +474,19 @@ const readCases: ReadCase[] = [
     log: /compressed cluster at 0x[0-9a-f]+: zlib/,
   },
   {
+    name: 'zero flag in a version 2 image (QEMU: EIO too)',
+    createOpts: ['-o', 'compat=0.10'],
+    corrupt: (i) => {
+      const at = l2TableOffset(i) + 8 * BAD_INDEX;
+      u64(i, at, readU64(i, at) | 1n);
+      // The oracle: QEMU refuses to read it as well.
+      const q = run('qemu-io', ['-r', '-f', 'qcow2', '-c', `read ${BAD_INDEX * 64 * KiB} 4096`, i]);
+      expect(q.stdout + q.stderr).toMatch(/Input\/output error/);
+      return BAD_INDEX * 64 * KiB;
+    },
+    log: /zero flag .*version 2/,
+  },
+  {
     name: 'extended L2 subcluster marked allocated and zero',
     createOpts: ['-o', 'extended_l2=on'],
     corrupt: (i) => {

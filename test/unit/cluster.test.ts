@@ -12,13 +12,14 @@ import type { Geometry } from '../../src/qcow2/header';
 const COPIED = 1n << 63n;
 const COMPRESSED = 1n << 62n;
 
-function geometry(clusterBits: number, extendedL2: boolean): Geometry {
+function geometry(clusterBits: number, extendedL2: boolean, version = 3): Geometry {
   const clusterSize = 2 ** clusterBits;
   const l2EntryBytes = extendedL2 ? 16 : 8;
   const subclusterBits = extendedL2 ? clusterBits - 5 : clusterBits;
   return {
     clusterBits, clusterSize, extendedL2, l2EntryBytes, l2Entries: clusterSize / l2EntryBytes,
     l2Bits: Math.log2(clusterSize / l2EntryBytes), subclusterBits, subclusterSize: 2 ** subclusterBits, refcountBits: 16,
+    zeroFlagAllowed: version >= 3,
   };
 }
 
@@ -122,6 +123,16 @@ describe('standard L2 entries (64 KiB clusters)', () => {
       // The entry before it is still fine, and a run from it stops before the bad entry is needed.
       expect(await f.mapper.lookup(f.l1, 0, C)).toEqual({ kind: 'unallocated', length: C });
     }
+  });
+});
+
+describe('version 2 images', () => {
+  it('treat the zero flag as corruption, as QEMU does; plain entries read normally', async () => {
+    const g = geometry(16, false, 2);
+    const f = fixture(g, [{ entry: COPIED | 0x100000n }, { entry: 1n }, { entry: COPIED | 0x110000n | 1n }]);
+    expect(await f.mapper.lookup(f.l1, 0, 0x10000)).toEqual({ kind: 'data', length: 0x10000, hostOffset: 0x100000 });
+    await expect(f.mapper.lookup(f.l1, 0x10000, 512)).rejects.toThrow(/zero flag set in a version 2 image/);
+    await expect(f.mapper.lookup(f.l1, 0x20000, 512)).rejects.toThrow(CorruptionError);
   });
 });
 
