@@ -284,6 +284,33 @@ describe('signals and a dead daemon', () => {
   });
 });
 
+describe('--foreground and request size', () => {
+  it('stays attached, serves 128 KiB requests, and Ctrl-C (SIGINT) unmounts and exits 0', async () => {
+    const dir = scratchDir('fg');
+    const img = smallImage(dir);
+    const mp = path.join(dir, 'mnt');
+    fs.mkdirSync(mp);
+    const child = spawn(process.execPath, [BIN, 'mount', '--foreground', '--read-only', img, mp], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let stderr = '';
+    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+    const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
+    try {
+      expect(await waitFor(() => isMounted(mp), 10_000), stderr).toBe(true);
+      expect(child.exitCode).toBeNull(); // still attached
+      expect(sha256File(path.join(mp, 'disk.raw'))).toBe(qemuRawSha(img));
+      // Big requests: the kernel was told max_read=128 KiB (fuse-native has no option for it).
+      const line = fs.readFileSync('/proc/self/mountinfo', 'utf8').split('\n').find((l) => l.split(' ')[4] === mp) ?? '';
+      expect(line).toMatch(/max_read=131072/);
+      child.kill('SIGINT');
+      expect(await exited).toBe(0);
+      expect(isMounted(mp)).toBe(false);
+    } finally {
+      if (child.exitCode === null) child.kill('SIGKILL');
+      forceUnmount(mp);
+    }
+  });
+});
+
 describe('help and version', () => {
   it('--help of each verb shows an example; --version prints the package version', () => {
     for (const verb of ['mount', 'umount', 'info']) {
@@ -302,6 +329,7 @@ describe('help and version', () => {
     const bad = qcow2fs(['frobnicate']);
     expect(bad.code).not.toBe(0);
     expect(bad.stderr).not.toMatch(/^\s+at /m);
+    oneLine(qcow2fs(['info', '--log-level', 'loud', path.join(REPO, 'package.json')]), /--log-level loud/);
   });
 });
 
