@@ -183,6 +183,11 @@ describe('mount errors are one line', () => {
     fs.writeFileSync(file, 'x');
     oneLine(qcow2fs(['mount', img, file]), /regular-file.*not a directory/);
     oneLine(qcow2fs(['mount', dir, mp]), /is a directory/);
+    const full = path.join(dir, 'full');
+    fs.mkdirSync(full);
+    fs.writeFileSync(path.join(full, 'precious.txt'), 'keep');
+    oneLine(qcow2fs(['mount', img, full]), /full is not empty .*precious\.txt/);
+    expect(isMounted(full)).toBe(false);
     oneLine(qcow2fs(['umount', mp]), /not mounted/);
     expect(isMounted(mp)).toBe(false);
     expect(daemonPids(mp)).toEqual([]);

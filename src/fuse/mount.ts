@@ -65,6 +65,14 @@ export function checkMountpoint(mountpoint: string): void {
   if (!st.isDirectory()) throw new UsageError(`mountpoint ${mountpoint}: not a directory`);
   const existing = findMount(mountpoint);
   if (existing) throw new UsageError(`mountpoint ${mountpoint} is busy: ${existing.source} (${existing.fstype}) is already mounted there`);
+  // libfuse refuses to hide files under a mount (and says only "fuse failed"); say why instead.
+  let entries: string[] = [];
+  try {
+    entries = fs.readdirSync(mountpoint);
+  } catch (err) {
+    throw new UsageError(describeSystemError(err, `mountpoint ${mountpoint}`));
+  }
+  if (entries.length > 0) throw new UsageError(`mountpoint ${mountpoint} is not empty (it holds ${entries.length} entr${entries.length === 1 ? 'y' : 'ies'}, e.g. "${entries[0]}"); use an empty directory`);
 }
 
 export class FuseMount {
