@@ -14,6 +14,7 @@ declare -A NEED=(
   [sleuthkit]=/usr/bin/mmls
   [fio]=/usr/bin/fio
   [kmod]=/usr/bin/kmod
+  [procps]=/usr/bin/pgrep                 # tests find daemons with pgrep -f
 )
 
 missing=()
