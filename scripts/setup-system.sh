@@ -18,6 +18,7 @@ declare -A NEED=(
   [kmod]=/usr/bin/kmod
   [g++]=/usr/bin/g++                      # the image-locking addon (native/, built by node-gyp)
   [make]=/usr/bin/make
+  [procps]=/usr/bin/pgrep                 # tests find daemons with pgrep -f
 )
 
 missing=()

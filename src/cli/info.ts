@@ -4,7 +4,7 @@
  */
 import * as fs from 'node:fs';
 import type { Argv } from 'yargs';
-import { describeSystemError, ImageError, UsageError } from '../errors';
+import { describeSystemError, UsageError } from '../errors';
 import type { BlockDevice } from '../image/blockdev';
 import { openImage } from '../image/open';
 import { probeFormat, type ImageFormat } from '../image/probe';
@@ -177,7 +177,7 @@ async function openTopOnly(p: string, format: ImageFormat | undefined): Promise<
     const probed = probeFormat(head, p);
     const fmt = format ?? probed;
     if (fmt === 'raw') return { device: await RawImage.open(file), format: 'raw' };
-    if (probed !== 'qcow2') throw new ImageError(`bad magic 0x${head.readUInt32BE(0).toString(16)}: not a qcow2 image`, p);
+    if (probed !== 'qcow2') throw new UsageError(`${p}: bad magic 0x${head.readUInt32BE(0).toString(16).padStart(8, '0')}: not a qcow2 image`);
     const known = await readHeader(file);
     return { device: await Qcow2Image.open(file, { readOnly: true, backing: null, l2CacheBytes: 0 }, known), format: 'qcow2' };
   } catch (err) {

@@ -102,6 +102,8 @@ export class ClusterMapper {
     const host = entryOffset(hi, lo);
     if (!g.extendedL2) {
       if (lo & OFLAG_ZERO_LO) {
+        // As QEMU does: a version 2 image has no zero clusters, so the bit means damage.
+        if (!g.zeroFlagAllowed) this.corrupt(`zero flag set in a version 2 image`, l1Index, idx);
         this.rKind = host === 0 ? K_ZERO : K_ZERO_ALLOC;
         return;
       }

@@ -102,6 +102,8 @@ export interface Geometry {
   subclusterBits: number;
   subclusterSize: number;
   refcountBits: number;
+  /** Standard L2 entries may carry the zero flag (bit 0): version 3 only; in version 2 it is corruption. */
+  zeroFlagAllowed: boolean;
 }
 
 export function geometryOf(h: Qcow2Header): Geometry {
@@ -120,6 +122,7 @@ export function geometryOf(h: Qcow2Header): Geometry {
     subclusterBits,
     subclusterSize: 2 ** subclusterBits,
     refcountBits: 2 ** h.refcountOrder,
+    zeroFlagAllowed: h.version >= 3,
   };
 }
 

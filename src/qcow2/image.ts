@@ -239,27 +239,34 @@ export class Qcow2Image implements BlockDevice {
     checkRange(this, offset, buf.length);
     const pending: Promise<void>[] = [];
     let pos = 0;
-    while (pos < buf.length) {
-      const m = await this.mapper.lookup(this.l1, offset + pos, buf.length - pos);
-      const dst = buf.subarray(pos, pos + m.length);
-      switch (m.kind) {
-        case 'data':
-          pending.push(this.file.pread(dst, m.hostOffset).then(() => undefined));
-          break;
-        case 'zero':
-          dst.fill(0);
-          break;
-        case 'compressed':
-          pending.push(this.readCompressed(dst, m));
-          break;
-        case 'unallocated':
-          pending.push(this.readBacking(dst, offset + pos));
-          break;
+    try {
+      while (pos < buf.length) {
+        const m = await this.mapper.lookup(this.l1, offset + pos, buf.length - pos);
+        const dst = buf.subarray(pos, pos + m.length);
+        switch (m.kind) {
+          case 'data':
+            pending.push(this.file.pread(dst, m.hostOffset).then(() => undefined));
+            break;
+          case 'zero':
+            dst.fill(0);
+            break;
+          case 'compressed':
+            pending.push(this.readCompressed(dst, m));
+            break;
+          case 'unallocated':
+            pending.push(this.readBacking(dst, offset + pos));
+            break;
+        }
+        pos += m.length;
       }
-      pos += m.length;
+      if (pending.length === 1) await pending[0];
+      else if (pending.length > 1) await Promise.all(pending);
+    } catch (err) {
+      // Never return while host reads of this request still run: the caller may close the file
+      // next, and a late rejection would go unhandled (fatal in the daemon).
+      await Promise.allSettled(pending);
+      throw err;
     }
-    if (pending.length === 1) await pending[0];
-    else if (pending.length > 1) await Promise.all(pending);
   }
 
   async status(offset: number, length: number): Promise<Extent[]> {

@@ -16,7 +16,7 @@ const TOOL_PACKAGE: Record<string, string> = {
   'qemu-img': 'qemu-utils', 'qemu-io': 'qemu-utils', fusermount: 'fuse3', fusermount3: 'fuse3',
   sfdisk: 'fdisk', fdisk: 'fdisk', 'mkfs.ext4': 'e2fsprogs', e2fsck: 'e2fsprogs', debugfs: 'e2fsprogs',
   resize2fs: 'e2fsprogs', losetup: 'util-linux', partx: 'util-linux', mount: 'mount', umount: 'mount',
-  mmls: 'sleuthkit', fls: 'sleuthkit', fio: 'fio', 'qemu-storage-daemon': 'qemu-system-common',
+  mmls: 'sleuthkit', fls: 'sleuthkit', fio: 'fio', 'qemu-storage-daemon': 'qemu-system-common', pgrep: 'procps',
 };
 
 function hasCommand(name: string): boolean {
