@@ -186,7 +186,7 @@ describe('mount errors are one line', () => {
     const full = path.join(dir, 'full');
     fs.mkdirSync(full);
     fs.writeFileSync(path.join(full, 'precious.txt'), 'keep');
-    oneLine(qcow2fs(['mount', img, full]), /full is not empty .*precious\.txt/);
+    oneLine(qcow2fs(['mount', img, full]), /full is not empty/);
     expect(isMounted(full)).toBe(false);
     oneLine(qcow2fs(['umount', mp]), /not mounted/);
     expect(isMounted(mp)).toBe(false);
