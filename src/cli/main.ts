@@ -7,6 +7,7 @@ import * as path from 'node:path';
 import yargs, { type Argv } from 'yargs';
 import { EXIT_USAGE, type GlobalArgs } from './common';
 import { registerCheck } from './check';
+import { registerCreate } from './create';
 import { registerInfo } from './info';
 import { registerMap } from './map';
 import { registerMount } from './mount';
@@ -40,6 +41,7 @@ export function buildCli(args: string[]): Argv<GlobalArgs> {
   y = registerInfo(y);
   y = registerMap(y);
   y = registerCheck(y);
+  y = registerCreate(y);
   return y.fail((msg, err) => {
     if (err) throw err;
     process.stderr.write(`qcow2fs: ${msg.split('\n')[0]}\nTry "qcow2fs --help".\n`);
