@@ -7,6 +7,7 @@ import * as path from 'node:path';
 import yargs, { type Argv } from 'yargs';
 import { EXIT_USAGE, type GlobalArgs } from './common';
 import { registerCheck } from './check';
+import { registerConvert } from './convert';
 import { registerCreate } from './create';
 import { registerInfo } from './info';
 import { registerMap } from './map';
@@ -42,6 +43,7 @@ export function buildCli(args: string[]): Argv<GlobalArgs> {
   y = registerMap(y);
   y = registerCheck(y);
   y = registerCreate(y);
+  y = registerConvert(y);
   return y.fail((msg, err) => {
     if (err) throw err;
     process.stderr.write(`qcow2fs: ${msg.split('\n')[0]}\nTry "qcow2fs --help".\n`);
