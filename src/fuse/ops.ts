@@ -75,6 +75,20 @@ export function makeOps(layout: Layout, opts: OpsOptions, state: OpsState = { op
     return n?.kind === 'device' ? n.device : undefined;
   }
 
+  /** truncate(2) of the raw file: growing grows the virtual disk; shrinking is refused. */
+  function resizeDevice(dev: BlockDevice, size: number, path: string, cb: (code: number) => void): void {
+    if (size === dev.size) return cb(0);
+    if (!dev.resize) return cb(Fuse.EINVAL);
+    if (size < dev.size) {
+      log.warn({ path }, `refusing to shrink ${dev.description} from ${dev.size} to ${size} bytes (use "qcow2fs resize --shrink" offline)`);
+      return cb(Fuse.EINVAL);
+    }
+    dev.resize(size).then(
+      () => cb(0),
+      (err) => cb(errno(err, 'truncate', path)),
+    );
+  }
+
   let nextHandle = 1;
 
   return {
@@ -157,15 +171,13 @@ export function makeOps(layout: Layout, opts: OpsOptions, state: OpsState = { op
       const node = layout.lookup(path);
       if (!node) return cb(Fuse.ENOENT);
       if (node.kind !== 'device' || node.device.readOnly) return cb(Fuse.EROFS);
-      if (size === node.device.size) return cb(0);
-      return cb(Fuse.EINVAL);
+      resizeDevice(node.device, size, path, cb);
     },
     ftruncate(path, _fd, size, cb) {
       const node = layout.lookup(path);
       if (!node) return cb(Fuse.ENOENT);
       if (node.kind !== 'device' || node.device.readOnly) return cb(Fuse.EROFS);
-      if (size === node.device.size) return cb(0);
-      return cb(Fuse.EINVAL);
+      resizeDevice(node.device, size, path, cb);
     },
     utimens(path, _atime, _mtime, cb) {
       cb(layout.lookup(path) ? 0 : Fuse.ENOENT);

@@ -27,6 +27,8 @@ export interface BlockDevice {
   read(buf: Uint8Array, offset: number): Promise<void>;
   write(buf: Uint8Array, offset: number): Promise<void>;
   discard(offset: number, length: number): Promise<void>;
+  /** Grows (or, where allowed, shrinks) the virtual size; absent when the device cannot. */
+  resize?(newSizeBytes: number): Promise<void>;
   /** Durable on return. */
   flush(): Promise<void>;
   status(offset: number, length: number): Promise<Extent[]>;

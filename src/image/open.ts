@@ -113,7 +113,10 @@ async function openLayer(
       chain.unshift({ path: p, format: 'raw', device: dev });
       return dev;
     }
-    if (probed !== 'qcow2') throw new ImageError(`not a qcow2 image (bad magic)`, p);
+    if (probed !== 'qcow2') {
+      const magic = head.length >= 4 ? `0x${head.readUInt32BE(0).toString(16).padStart(8, '0')}` : 'missing';
+      throw new ImageError(`bad magic ${magic}: not a qcow2 image`, p);
+    }
     const known = await readHeader(file);
     const header = known.header;
     let backing: BlockDevice | null = null;

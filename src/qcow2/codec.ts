@@ -5,6 +5,7 @@
  * library compiled to WebAssembly (@bokuweb/zstd-wasm: installs from the npm registry alone,
  * nothing to compile, and Node 20 has no zstd of its own).
  */
+import * as path from 'node:path';
 import * as zlib from 'node:zlib';
 import { COMPRESSION_ZLIB, COMPRESSION_ZSTD } from './header';
 
@@ -45,8 +46,11 @@ function loadZstd(): Promise<ZstdModule> {
       // eslint-disable-next-line @typescript-eslint/no-require-imports
       const lib = require('@bokuweb/zstd-wasm') as { init(): Promise<void> };
       await lib.init();
+      // The package exports only its high-level API; its Emscripten module (for zero-copy
+      // calls with our own buffers) sits next to the entry point.
+      const entry = require.resolve('@bokuweb/zstd-wasm');
       // eslint-disable-next-line @typescript-eslint/no-require-imports
-      const mod = require('@bokuweb/zstd-wasm/dist/common/module') as { Module: ZstdModule };
+      const mod = require(path.join(path.dirname(entry), 'module.js')) as { Module: ZstdModule };
       return mod.Module;
     })();
   }

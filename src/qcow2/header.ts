@@ -202,6 +202,7 @@ export function decodeHeader(head: Buffer, fileSize: number): Qcow2Header {
     if (h.headerLength < 104) throw new ImageError(`header_length ${h.headerLength} is too small (at least 104 for version 3)`);
     if (h.headerLength % 8 !== 0) throw new ImageError(`header_length ${h.headerLength} is not a multiple of 8`);
     if (h.headerLength > clusterSize) throw new ImageError(`header_length ${h.headerLength} is larger than the cluster size ${clusterSize}`);
+    if (h.headerLength > head.length) throw new ImageError(`file is truncated: ${fileSize} bytes is too short for header_length ${h.headerLength}`);
     if (h.headerLength > 104) h.compressionType = head.readUInt8(104);
   }
   if (h.refcountOrder > 6) throw new ImageError(`refcount_order ${h.refcountOrder} is out of range (0..6)`);

@@ -14,6 +14,7 @@ import { DecompressError, decompressCluster } from './codec';
 import { decodeHeader, geometryOf, HEADER_PROBE_BYTES, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, rangesOverlap, type Geometry, type Qcow2Header } from './header';
 import { entryOffset, OFLAG_COPIED_HI } from './l2';
 import { decodeSnapshotTable, type SnapshotEntry } from './snapshot';
+import { Qcow2Writer } from './writer';
 
 export interface Qcow2OpenOptions {
   readOnly: boolean;
@@ -35,17 +36,20 @@ interface Region {
 }
 
 export class Qcow2Image implements BlockDevice {
-  readonly size: number;
+  private sizeBytes: number;
   readonly readOnly: boolean;
   readonly description: string;
   readonly geometry: Geometry;
   readonly l1: L1Table;
   private readonly mapper: ClusterMapper;
-  private readonly l2Cache: TableCache;
+  /** L2 tables by host offset; the writer pins the dirty ones. */
+  readonly l2Cache: TableCache;
   private readonly decompressed: TableCache;
   private fileSizeBytes: number;
   private readonly regions: Region[];
   private closed = false;
+  /** The write path; null on read-only opens. */
+  readonly writer: Qcow2Writer | null;
 
   private constructor(
     readonly file: HostFile,
@@ -62,7 +66,7 @@ export class Qcow2Image implements BlockDevice {
     this.fileSizeBytes = fileSize;
     this.regions = regions;
     this.readOnly = opts.readOnly || opts.snapshot !== undefined;
-    this.size = opts.snapshot?.diskSizeBytes ?? header.sizeBytes;
+    this.sizeBytes = opts.snapshot?.diskSizeBytes ?? header.sizeBytes;
     this.description = file.path + (opts.snapshot ? ` (snapshot ${opts.snapshot.name})` : '');
     const clusterSize = this.geometry.clusterSize;
     this.l2Cache = new TableCache(Math.max(opts.l2CacheBytes ?? DEFAULT_L2_CACHE_BYTES, 4 * clusterSize), (off) => this.loadTable(off));
@@ -72,6 +76,58 @@ export class Qcow2Image implements BlockDevice {
       overlaps: (offset, length) => this.overlappingRegion(offset, length),
     };
     this.mapper = new ClusterMapper(this.geometry, this.l2Cache, metadata, file.path);
+    this.writer = this.readOnly ? null : new Qcow2Writer(this);
+  }
+
+  get size(): number {
+    return this.sizeBytes;
+  }
+
+  /** @internal the writer grows the disk. */
+  setSize(sizeBytes: number): void {
+    this.sizeBytes = sizeBytes;
+  }
+
+  /** The image file's logical length (including clusters allocated but not yet written back). */
+  get fileSize(): number {
+    return this.fileSizeBytes;
+  }
+
+  /** @internal */
+  noteFileEnd(bytes: number): void {
+    if (bytes > this.fileSizeBytes) this.fileSizeBytes = bytes;
+  }
+
+  /** Metadata regions (header, L1, refcount table, snapshot table) that data never overlaps. */
+  metadataRegions(): readonly Region[] {
+    return this.regions;
+  }
+
+  /** @internal the writer moves tables. */
+  setRegion(what: string, offset: number, length: number): void {
+    const r = this.regions.find((x) => x.what === what);
+    if (r) {
+      r.offset = offset;
+      r.length = length;
+    } else {
+      this.regions.push({ offset, length, what });
+    }
+  }
+
+  /** @internal a cluster whose refcount dropped to zero: drop cached copies of it. */
+  forgetCluster(hostOffset: number): void {
+    this.l2Cache.delete(hostOffset);
+    this.decompressed.delete(hostOffset);
+  }
+
+  /** The L2 table of l1Index in the layer served (through the cache), or null. */
+  l2Table(l1Index: number): Promise<Buffer | null> {
+    return this.mapper.l2Table(this.l1, l1Index);
+  }
+
+  /** One whole decompressed cluster (cached). */
+  async decompressedCluster(hostOffset: number, compressedBytes: number): Promise<Buffer> {
+    return this.decompressed.peek(hostOffset) ?? (await this.decompressed.get(hostOffset, (off) => this.loadCompressed(off, compressedBytes)));
   }
 
   static async open(file: HostFile, opts: Qcow2OpenOptions, known?: { header: Qcow2Header; fileSize: number }): Promise<Qcow2Image> {
@@ -117,10 +173,16 @@ export class Qcow2Image implements BlockDevice {
       throw new ImageError('image is marked corrupt: mount it read-only, or repair it with "qcow2fs check -r all"', file.path);
     }
     if (header.incompatibleFeatures & INCOMPAT_DIRTY) log.debug({ image: file.path }, 'image has the dirty bit set (lazy refcounts)');
-    return new Qcow2Image(file, header, snapshots, l1, fileSize, regions, opts.backing, opts);
+    if (!opts.readOnly && !opts.snapshot && header.incompatibleFeatures & INCOMPAT_DIRTY) {
+      throw new ImageError('image has the dirty bit set (lazy refcounts, not closed cleanly): repair it with "qcow2fs check -r all" or mount it read-only', file.path);
+    }
+    const image = new Qcow2Image(file, header, snapshots, l1, fileSize, regions, opts.backing, opts);
+    // Validate the refcount structures now, so a bad image fails at open, not at the first write.
+    if (image.writer) await image.writer.loadRefcounts();
+    return image;
   }
 
-  private overlappingRegion(offset: number, length: number): string | null {
+  overlappingRegion(offset: number, length: number): string | null {
     for (const r of this.regions) if (rangesOverlap(offset, length, r.offset, r.length)) return r.what;
     return null;
   }
@@ -151,7 +213,7 @@ export class Qcow2Image implements BlockDevice {
     dst.set(cluster.subarray(m.offsetInCluster, m.offsetInCluster + dst.length));
   }
 
-  private async readBacking(dst: Uint8Array, guestOffset: number): Promise<void> {
+  async readBacking(dst: Uint8Array, guestOffset: number): Promise<void> {
     const b = this.backing;
     const n = b === null ? 0 : Math.max(0, Math.min(dst.length, b.size - guestOffset));
     if (n > 0) await b!.read(dst.subarray(0, n), guestOffset);
@@ -221,8 +283,16 @@ export class Qcow2Image implements BlockDevice {
     return st.blocks * 512;
   }
 
-  async write(_buf: Uint8Array, _offset: number): Promise<void> {
-    throw new ReadOnlyError(`${this.description}: writing is not supported yet`);
+  async write(buf: Uint8Array, offset: number): Promise<void> {
+    if (!this.writer) throw new ReadOnlyError(`${this.description} is read-only`);
+    checkRange(this, offset, buf.length);
+    if (buf.length > 0) await this.writer.write(buf, offset);
+  }
+
+  /** Grows the virtual disk (shrinking is refused). */
+  async resize(newSizeBytes: number): Promise<void> {
+    if (!this.writer) throw new ReadOnlyError(`${this.description} is read-only`);
+    await this.writer.resize(newSizeBytes);
   }
 
   async discard(_offset: number, _length: number): Promise<void> {
@@ -230,16 +300,20 @@ export class Qcow2Image implements BlockDevice {
   }
 
   async flush(): Promise<void> {
-    if (!this.readOnly) await this.file.flush();
+    if (this.writer) await this.writer.flush();
   }
 
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
-    this.l2Cache.clear();
+    try {
+      if (this.writer) await this.writer.close();
+    } finally {
+      this.l2Cache.clear();
     this.decompressed.clear();
-    await this.file.close();
-    if (this.backing) await this.backing.close();
+      await this.file.close();
+      if (this.backing) await this.backing.close();
+    }
   }
 }
 

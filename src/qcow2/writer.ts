@@ -1,0 +1,660 @@
+/**
+ * The write path (QEMU's qcow2_co_pwritev_part, qcow2-cluster.c allocation and COW).
+ *
+ * A write is cut into runs of clusters inside one L2 table. For each run:
+ *   A. under the metadata lock: classify every cluster (write in place, or copy-on-write into a
+ *      newly allocated cluster), make the L2 table writable (allocate it, or copy it when a
+ *      snapshot shares it), allocate the new clusters contiguously, mark the guest clusters
+ *      in flight so a concurrent write to the same cluster waits instead of double-allocating;
+ *   B. without the lock: read what the partial clusters keep (backing file, old cluster,
+ *      decompressed cluster, zeros) and write data + fill with one pwritev per host-contiguous
+ *      stretch;
+ *   C. under the lock: point the L2 entries at the new clusters and queue the old clusters'
+ *      refcount decrements, which are applied only once the new L2 entries are on disk.
+ *
+ * Metadata is written back by flushLocked() in dependency order: refcount blocks (and the data
+ * already written) -> barrier -> refcount table -> barrier -> L2 tables -> barrier -> L1 ->
+ * barrier -> deferred decrements. A crash anywhere leaves at most leaked clusters.
+ */
+import { CorruptionError, ImageError, UsageError } from '../errors';
+import { log } from '../log';
+import type { Qcow2Image } from './image';
+import { AUTOCLEAR_BITMAPS, COMPAT_LAZY_REFCOUNTS, INCOMPAT_DIRTY } from './header';
+import { compressedDescriptor, entryOffset, OFLAG_COMPRESSED_HI, OFLAG_COPIED_HI, OFLAG_ZERO_LO, writeEntry } from './l2';
+import { AsyncMutex } from './mutex';
+import { RefcountManager } from './refcount';
+
+const TWO32 = 4294967296;
+/** Longest run handled in one pass, in clusters (bounds fill buffers and lock hold times). */
+const MAX_RUN_CLUSTERS = 1024;
+const MAX_RUN_BYTES = 16 * 1024 * 1024;
+/** Write back dirty metadata once this much is pinned in the caches. */
+const DIRTY_BUDGET_BYTES = 16 * 1024 * 1024;
+/** Write back dirty metadata this long after it was first dirtied (bounds what a crash loses). */
+const WRITEBACK_DELAY_MS = 5000;
+
+type FillSource =
+  | { kind: 'zero' }
+  | { kind: 'backing' }
+  | { kind: 'host'; hostOffset: number } // old cluster's host offset (same in-cluster offset)
+  | { kind: 'buffer'; buf: Buffer }; // a decompressed cluster
+
+interface FillPiece {
+  from: number; // in-cluster byte offsets
+  to: number;
+  src: FillSource;
+}
+
+/** What one guest cluster of a run needs. */
+interface ClusterJob {
+  guestCluster: number;
+  l2Index: number;
+  /** This write's bytes inside the cluster. */
+  dataStart: number;
+  dataEnd: number;
+  /** Host cluster written to (existing or newly allocated). */
+  target: number;
+  isNew: boolean;
+  /** The in-cluster range written to the host (data plus fills). */
+  writeStart: number;
+  writeEnd: number;
+  fills: FillPiece[];
+  /** The L2 entry must change (new cluster, COPIED/zero flag, subcluster bits). */
+  updateEntry: boolean;
+  /** Extended L2: subcluster bitmaps after the write (zero bits high word, alloc bits low word). */
+  zeroBits: number;
+  allocBits: number;
+  /** Host ranges whose refcount drops once the new entry is durable. */
+  frees: { offset: number; bytes: number }[];
+}
+
+interface EntryState {
+  hi: number;
+  lo: number;
+  compressed: boolean;
+  host: number;
+  copied: boolean;
+  zeroFlag: boolean;
+  zeroBits: number;
+  allocBits: number;
+}
+
+export class Qcow2Writer {
+  readonly lock = new AsyncMutex();
+  private refcounts: RefcountManager | null = null;
+  private prepared = false;
+  private setDirtyBit = false;
+  private readonly inflight = new Map<number, Promise<void>>();
+  private readonly dirtyL2 = new Set<number>();
+  private readonly dirtyL1 = new Set<number>();
+  private pendingFrees: { offset: number; bytes: number }[] = [];
+  private dataDirty = false;
+  private writebackTimer: NodeJS.Timeout | null = null;
+  private failed: Error | null = null;
+  private readonly cs: number;
+  private readonly bytesPerL2: number;
+
+  constructor(private readonly img: Qcow2Image) {
+    this.cs = img.geometry.clusterSize;
+    this.bytesPerL2 = this.cs * img.geometry.l2Entries;
+  }
+
+  // ---------------------------------------------------------------- setup
+
+  /** First write: load refcounts, set the dirty bit (lazy refcounts), clear bitmaps' autoclear bit. */
+  private async prepare(): Promise<RefcountManager> {
+    if (this.refcounts && this.prepared) return this.refcounts;
+    const img = this.img;
+    const h = img.header;
+    this.refcounts ??= await this.loadRefcounts();
+    if (h.version === 3 && h.compatibleFeatures & COMPAT_LAZY_REFCOUNTS && !(h.incompatibleFeatures & INCOMPAT_DIRTY)) {
+      h.incompatibleFeatures |= INCOMPAT_DIRTY;
+      await this.writeHeaderU64(72, h.incompatibleFeatures);
+      this.setDirtyBit = true;
+    }
+    if (h.version === 3 && h.autoclearFeatures & AUTOCLEAR_BITMAPS) {
+      // We do not update persistent bitmaps: tell readers they are stale (spec: autoclear bits).
+      h.autoclearFeatures &= ~AUTOCLEAR_BITMAPS;
+      await this.writeHeaderU64(88, h.autoclearFeatures);
+      log.info({ image: img.file.path }, 'persistent bitmaps marked inconsistent (not maintained by qcow2fs)');
+    }
+    this.prepared = true;
+    return this.refcounts;
+  }
+
+  async loadRefcounts(): Promise<RefcountManager> {
+    if (this.refcounts) return this.refcounts;
+    const img = this.img;
+    const h = img.header;
+    this.refcounts = await RefcountManager.load({
+      file: img.file,
+      clusterBits: h.clusterBits,
+      refcountOrder: h.refcountOrder,
+      tableOffset: h.refcountTableOffset,
+      tableClusters: h.refcountTableClusters,
+      fileSize: img.fileSize,
+      cacheBytes: 4 * 1024 * 1024,
+      regions: img.metadataRegions(),
+      commitTableLocation: async (offset, clusters) => {
+        const b = Buffer.alloc(12);
+        b.writeUInt32BE(Math.floor(offset / TWO32), 0);
+        b.writeUInt32BE(offset % TWO32, 4);
+        b.writeUInt32BE(clusters, 8);
+        await img.file.pwrite(b, 48);
+        await img.file.flush();
+        h.refcountTableOffset = offset;
+        h.refcountTableClusters = clusters;
+        img.setRegion('refcount table', offset, clusters * this.cs);
+      },
+    });
+    return this.refcounts;
+  }
+
+  private async writeHeaderU64(at: number, v: bigint): Promise<void> {
+    const b = Buffer.alloc(8);
+    b.writeBigUInt64BE(v);
+    await this.img.file.pwrite(b, at);
+    await this.img.file.flush();
+  }
+
+  private check(): void {
+    if (this.failed) throw new ImageError(`writes disabled after an earlier failure: ${this.failed.message}`, this.img.file.path);
+  }
+
+  // ---------------------------------------------------------------- entries
+
+  private entryAt(table: Buffer | null, idx: number): EntryState {
+    const ext = this.img.geometry.extendedL2;
+    if (table === null) return { hi: 0, lo: 0, compressed: false, host: 0, copied: false, zeroFlag: false, zeroBits: 0, allocBits: 0 };
+    const at = idx * this.img.geometry.l2EntryBytes;
+    const hi = table.readUInt32BE(at);
+    const lo = table.readUInt32BE(at + 4);
+    const compressed = (hi & OFLAG_COMPRESSED_HI) !== 0;
+    const host = compressed ? 0 : entryOffset(hi, lo);
+    if (!compressed && host !== 0) {
+      const what = this.img.overlappingRegion(host, this.cs);
+      if (host % this.cs !== 0 || what !== null) {
+        throw new CorruptionError(`${this.img.file.path}: corrupt L2 entry ${idx}: data cluster offset 0x${host.toString(16)} ${what ? `points into the ${what}` : 'is not aligned'}`);
+      }
+    }
+    return {
+      hi,
+      lo,
+      compressed,
+      host,
+      copied: (hi & OFLAG_COPIED_HI) !== 0,
+      zeroFlag: !ext && (lo & OFLAG_ZERO_LO) !== 0,
+      zeroBits: ext ? table.readUInt32BE(at + 8) : 0,
+      allocBits: ext ? table.readUInt32BE(at + 12) : 0,
+    };
+  }
+
+  private setEntry(table: Buffer, idx: number, host: number, zeroBits: number, allocBits: number): void {
+    const at = idx * this.img.geometry.l2EntryBytes;
+    writeEntry(table, at, host, true);
+    if (this.img.geometry.extendedL2) {
+      table.writeUInt32BE(zeroBits >>> 0, at + 8);
+      table.writeUInt32BE(allocBits >>> 0, at + 12);
+    }
+  }
+
+  /** The L2 table of l1Index, allocated or copied so that this layer alone owns it. */
+  private async writableL2(l1Index: number): Promise<Buffer> {
+    const img = this.img;
+    const l1 = img.l1;
+    const rc = this.refcounts!;
+    const old = l1.l2Offsets[l1Index]!;
+    if (old !== 0 && l1.copied[l1Index]) return (await img.l2Table(l1Index))!;
+    if (old !== 0 && (await rc.get(old / this.cs)) === 1) {
+      // COPIED was missing but nobody else uses the table: just claim it.
+      l1.copied[l1Index] = 1;
+      this.dirtyL1.add(l1Index);
+      return (await img.l2Table(l1Index))!;
+    }
+    const fresh = await rc.allocate(1);
+    const table = Buffer.alloc(this.cs);
+    if (old !== 0) {
+      (await img.l2Table(l1Index))!.copy(table);
+      this.pendingFrees.push({ offset: old, bytes: this.cs });
+    }
+    img.l2Cache.pin(fresh);
+    img.l2Cache.insert(fresh, table);
+    this.dirtyL2.add(fresh);
+    l1.l2Offsets[l1Index] = fresh;
+    l1.copied[l1Index] = 1;
+    this.dirtyL1.add(l1Index);
+    return table;
+  }
+
+  // ---------------------------------------------------------------- write
+
+  async write(buf: Uint8Array, offset: number): Promise<void> {
+    this.check();
+    let pos = 0;
+    while (pos < buf.length) {
+      const planned = await this.lock.run(async () => {
+        await this.prepare();
+        return this.planRun(offset + pos, buf.length - pos);
+      });
+      if ('wait' in planned) {
+        await planned.wait;
+        continue;
+      }
+      const { jobs, length, done, l1Index } = planned;
+      const data = buf.subarray(pos, pos + length);
+      try {
+        await this.execute(jobs, data, offset + pos);
+        this.dataDirty = true;
+        if (jobs.some((j) => j.updateEntry)) await this.lock.run(() => this.commit(l1Index, jobs));
+      } catch (err) {
+        for (const j of jobs) if (j.updateEntry) this.inflight.delete(j.guestCluster);
+        done();
+        throw err;
+      }
+      for (const j of jobs) if (j.updateEntry) this.inflight.delete(j.guestCluster);
+      done();
+      pos += length;
+    }
+  }
+
+  /** Step A (lock held). */
+  private async planRun(
+    guestOffset: number,
+    maxLength: number,
+  ): Promise<{ wait: Promise<void> } | { jobs: ClusterJob[]; length: number; l1Index: number; done: () => void }> {
+    const img = this.img;
+    const g = img.geometry;
+    const cs = this.cs;
+    const l1Index = Math.floor(guestOffset / this.bytesPerL2);
+    if (l1Index >= img.l1.l2Offsets.length) throw new CorruptionError(`${img.file.path}: guest offset ${guestOffset} lies beyond the L1 table`);
+    const tableEnd = (l1Index + 1) * this.bytesPerL2;
+    const end = Math.min(guestOffset + maxLength, tableEnd, guestOffset + MAX_RUN_BYTES);
+    const firstCluster = Math.floor(guestOffset / cs);
+    const lastCluster = Math.min(Math.floor((end - 1) / cs), firstCluster + MAX_RUN_CLUSTERS - 1);
+    const runEnd = Math.min(end, (lastCluster + 1) * cs);
+
+    let table = await img.l2Table(l1Index);
+    const jobs: ClusterJob[] = [];
+    for (let gc = firstCluster; gc <= lastCluster; gc++) {
+      const w = this.inflight.get(gc);
+      if (w) {
+        if (jobs.length === 0) return { wait: w };
+        break;
+      }
+      const cStart = gc * cs;
+      const ds = Math.max(guestOffset, cStart) - cStart;
+      const de = Math.min(runEnd, cStart + cs) - cStart;
+      const l2Index = gc - l1Index * g.l2Entries;
+      jobs.push(await this.classify(gc, l2Index, ds, de, this.entryAt(table, l2Index)));
+    }
+    const length = Math.min(runEnd, (jobs[jobs.length - 1]!.guestCluster + 1) * cs) - guestOffset;
+
+    const needsMeta = jobs.some((j) => j.updateEntry);
+    if (needsMeta) {
+      const l1WasShared = img.l1.l2Offsets[l1Index] !== 0 && !img.l1.copied[l1Index];
+      table = await this.writableL2(l1Index);
+      if (l1WasShared) {
+        // The entries were classified against the shared table; they are the same in the copy.
+      }
+      const fresh = jobs.filter((j) => j.isNew);
+      if (fresh.length > 0) {
+        // Contiguous new clusters, so that adjacent ones go out in one system call.
+        let host = await this.refcounts!.allocate(fresh.length);
+        for (const j of fresh) {
+          j.target = host;
+          host += cs;
+        }
+        img.noteFileEnd(this.refcounts!.endBytes);
+      }
+    }
+    let release!: () => void;
+    const inflightDone = new Promise<void>((r) => (release = r));
+    for (const j of jobs) if (j.updateEntry) this.inflight.set(j.guestCluster, inflightDone);
+    this.dataDirty = true;
+    return { jobs, length, l1Index, done: release };
+  }
+
+  /** Decides how one cluster is written; may await a refcount lookup. */
+  private async classify(gc: number, l2Index: number, ds: number, de: number, e: EntryState): Promise<ClusterJob> {
+    const cs = this.cs;
+    const g = this.img.geometry;
+    const job: ClusterJob = {
+      guestCluster: gc,
+      l2Index,
+      dataStart: ds,
+      dataEnd: de,
+      target: 0,
+      isNew: false,
+      writeStart: ds,
+      writeEnd: de,
+      fills: [],
+      updateEntry: false,
+      zeroBits: 0,
+      allocBits: 0,
+      frees: [],
+    };
+    const full = (src: (from: number, to: number) => FillPiece[]): void => {
+      job.writeStart = 0;
+      job.writeEnd = cs;
+      job.fills = [...(ds > 0 ? src(0, ds) : []), ...(de < cs ? src(de, cs) : [])];
+    };
+
+    if (e.compressed) {
+      const d = compressedDescriptor(e.hi, e.lo, g.clusterBits);
+      const buf = await this.img.decompressedCluster(d.hostOffset, d.compressedBytes);
+      job.isNew = job.updateEntry = true;
+      full((from, to) => [{ from, to, src: { kind: 'buffer', buf } }]);
+      job.allocBits = g.extendedL2 ? 0xffffffff : 0;
+      job.frees.push({ offset: d.hostOffset, bytes: d.compressedBytes });
+      return job;
+    }
+
+    // Is the existing host cluster ours alone?
+    let owned = false;
+    if (e.host !== 0) {
+      owned = e.copied || (await this.refcounts!.get(e.host / cs)) === 1;
+    }
+
+    if (!g.extendedL2) {
+      if (e.host !== 0 && owned) {
+        job.target = e.host;
+        if (e.zeroFlag) {
+          // A preallocated zero cluster: fill it with zeros around the data, clear the flag.
+          full((from, to) => [{ from, to, src: { kind: 'zero' } }]);
+          job.updateEntry = true;
+        } else if (!e.copied) {
+          job.updateEntry = true;
+        }
+        return job;
+      }
+      job.isNew = job.updateEntry = true;
+      if (e.host !== 0) {
+        const old = e.host;
+        full((from, to) => [{ from, to, src: e.zeroFlag ? { kind: 'zero' } : { kind: 'host', hostOffset: old } }]);
+        job.frees.push({ offset: old, bytes: cs });
+      } else {
+        full((from, to) => [{ from, to, src: e.zeroFlag ? { kind: 'zero' } : { kind: 'backing' } }]);
+      }
+      return job;
+    }
+
+    // Extended L2: per-subcluster state.
+    const gs = g.subclusterSize;
+    const firstSub = Math.floor(ds / gs);
+    const lastSub = Math.floor((de - 1) / gs);
+    let touched = 0;
+    for (let s = firstSub; s <= lastSub; s++) touched |= 1 << s;
+    touched >>>= 0;
+    const subSource = (s: number, forTouched: boolean, oldHost: number): FillSource => {
+      const bit = 1 << s;
+      if (e.host !== 0 && e.allocBits & bit) return oldHost ? { kind: 'host', hostOffset: oldHost } : { kind: 'zero' };
+      if (e.zeroBits & bit) return { kind: 'zero' };
+      return forTouched ? { kind: 'backing' } : { kind: 'zero' };
+    };
+    /** Fill pieces for [from, to), split at subcluster bounds. */
+    const pieces = (from: number, to: number, oldHost: number): FillPiece[] => {
+      const out: FillPiece[] = [];
+      for (let a = from; a < to; ) {
+        const s = Math.floor(a / gs);
+        const b = Math.min(to, (s + 1) * gs);
+        out.push({ from: a, to: b, src: subSource(s, (touched & (1 << s)) !== 0, oldHost) });
+        a = b;
+      }
+      return out;
+    };
+    job.zeroBits = (e.zeroBits & ~touched) >>> 0;
+    job.allocBits = ((e.host !== 0 ? e.allocBits : 0) | touched) >>> 0;
+
+    if (e.host !== 0 && !owned) {
+      // Shared with a snapshot: copy the whole cluster, keeping its subcluster layout.
+      job.isNew = job.updateEntry = true;
+      full((from, to) => pieces(from, to, e.host));
+      job.frees.push({ offset: e.host, bytes: cs });
+      return job;
+    }
+    // In place (owned) or a new cluster for an unallocated one: write the touched subclusters,
+    // filling the partial first and last ones when they held no data of their own.
+    const allocated = (s: number): boolean => e.host !== 0 && (e.allocBits & (1 << s)) !== 0;
+    job.writeStart = allocated(firstSub) ? ds : firstSub * gs;
+    job.writeEnd = allocated(lastSub) ? de : (lastSub + 1) * gs;
+    job.fills = [...pieces(job.writeStart, ds, 0), ...pieces(de, job.writeEnd, 0)];
+    if (e.host !== 0) {
+      job.target = e.host;
+      job.updateEntry = !e.copied || (e.allocBits & touched) !== touched || (e.zeroBits & touched) !== 0;
+    } else {
+      job.isNew = job.updateEntry = true;
+    }
+    return job;
+  }
+
+  /** Step B: fills and data, one pwritev per host-contiguous stretch. */
+  private async execute(jobs: ClusterJob[], data: Uint8Array, guestOffset: number): Promise<void> {
+    const cs = this.cs;
+    const img = this.img;
+    const reads: Promise<void>[] = [];
+    const iovs: { host: number; bufs: Uint8Array[]; end: number }[] = [];
+    const runBase = Math.floor(guestOffset / cs) * cs;
+    for (const j of jobs) {
+      const clusterGuest = j.guestCluster * cs;
+      const dataOff = clusterGuest + j.dataStart - guestOffset;
+      const bufs: Uint8Array[] = [];
+      const fillBuf = (from: number, to: number): Buffer => {
+        const b = Buffer.alloc(to - from);
+        for (const p of j.fills) {
+          if (p.to <= from || p.from >= to) continue;
+          const dst = b.subarray(p.from - from, p.to - from);
+          const src = p.src;
+          if (src.kind === 'backing') reads.push(img.readBacking(dst, clusterGuest + p.from));
+          else if (src.kind === 'host') reads.push(img.file.pread(dst, src.hostOffset + p.from).then(() => undefined));
+          else if (src.kind === 'buffer') src.buf.copy(dst, 0, p.from, p.to);
+        }
+        return b;
+      };
+      if (j.writeStart < j.dataStart) bufs.push(fillBuf(j.writeStart, j.dataStart));
+      bufs.push(data.subarray(dataOff, dataOff + (j.dataEnd - j.dataStart)));
+      if (j.dataEnd < j.writeEnd) bufs.push(fillBuf(j.dataEnd, j.writeEnd));
+      const host = j.target + j.writeStart;
+      const last = iovs[iovs.length - 1];
+      if (last && last.end === host) {
+        last.bufs.push(...bufs);
+        last.end = j.target + j.writeEnd;
+      } else {
+        iovs.push({ host, bufs, end: j.target + j.writeEnd });
+      }
+    }
+    void runBase;
+    if (reads.length) await Promise.all(reads);
+    await Promise.all(iovs.map((v) => img.file.pwritev(v.bufs, v.host)));
+  }
+
+  /** Step C (lock held): publish the new mappings. */
+  private async commit(l1Index: number, jobs: ClusterJob[]): Promise<void> {
+    const table = await this.writableL2(l1Index);
+    for (const j of jobs) {
+      if (!j.updateEntry) continue;
+      let zeroBits = j.zeroBits;
+      let allocBits = j.allocBits;
+      if (this.img.geometry.extendedL2 && !j.isNew) {
+        // In place: merge with the current bitmap (other writers may have touched other subclusters).
+        const cur = this.entryAt(table, j.l2Index);
+        const mine = j.allocBits;
+        allocBits = (cur.allocBits | mine) >>> 0;
+        zeroBits = (cur.zeroBits & ~mine) >>> 0;
+      }
+      this.setEntry(table, j.l2Index, j.target, zeroBits, allocBits);
+      this.pendingFrees.push(...j.frees);
+    }
+    const tableOffset = this.img.l1.l2Offsets[l1Index]!;
+    this.dirtyL2.add(tableOffset);
+    this.img.l2Cache.pin(tableOffset);
+    if (this.img.l2Cache.peek(tableOffset) !== table) this.img.l2Cache.insert(tableOffset, table);
+    if (this.metadataDirtyBytes() > DIRTY_BUDGET_BYTES) await this.flushLocked();
+    else this.scheduleWriteback();
+  }
+
+  private metadataDirtyBytes(): number {
+    return this.dirtyL2.size * this.cs + (this.refcounts?.dirtyBytes ?? 0);
+  }
+
+  private scheduleWriteback(): void {
+    if (this.writebackTimer) return;
+    this.writebackTimer = setTimeout(() => {
+      this.writebackTimer = null;
+      this.flush().catch((err: unknown) => log.error(`background write-back failed: ${(err as Error).message}`));
+    }, WRITEBACK_DELAY_MS);
+    this.writebackTimer.unref();
+  }
+
+  // ---------------------------------------------------------------- flush
+
+  get hasUnflushed(): boolean {
+    return this.dataDirty || this.dirtyL2.size > 0 || this.dirtyL1.size > 0 || this.pendingFrees.length > 0 || (this.refcounts?.dirty ?? false);
+  }
+
+  /** Makes everything written so far durable, metadata in dependency order. */
+  flush(): Promise<void> {
+    return this.lock.run(() => this.flushLocked());
+  }
+
+  async flushLocked(): Promise<void> {
+    if (!this.hasUnflushed) return;
+    const img = this.img;
+    const file = img.file;
+    const rc = this.refcounts!;
+    try {
+      // 1. Refcounts (and the data written so far) before anything that relies on them.
+      await rc.writeDirtyBlocks();
+      if (rc.tableDirty) {
+        await file.flush();
+        await rc.writeTable();
+      }
+      await file.flush();
+      // 2. L2 tables, then the L1 entries that point at new ones.
+      const l2 = [...this.dirtyL2];
+      this.dirtyL2.clear();
+      await Promise.all(
+        l2.map(async (off) => {
+          const t = img.l2Cache.peek(off);
+          if (!t) throw new Error(`internal: dirty L2 table 0x${off.toString(16)} not cached`);
+          await file.pwrite(t, off);
+        }),
+      );
+      for (const off of l2) if (!this.dirtyL2.has(off)) img.l2Cache.unpin(off);
+      if (this.dirtyL1.size > 0) {
+        await file.flush();
+        await this.writeL1();
+      }
+      await file.flush();
+      // 3. Old clusters are released only now that no durable entry refers to them.
+      if (this.pendingFrees.length > 0) {
+        const frees = this.pendingFrees;
+        this.pendingFrees = [];
+        for (const f of frees) {
+          for (const freed of await rc.adjust(f.offset, f.bytes, -1)) img.forgetCluster(freed);
+        }
+        await rc.writeDirtyBlocks();
+        await file.flush();
+      }
+      this.dataDirty = false;
+    } catch (err) {
+      this.failed = err as Error;
+      throw err;
+    }
+  }
+
+  private async writeL1(): Promise<void> {
+    const l1 = this.img.l1;
+    const idx = [...this.dirtyL1].sort((a, b) => a - b);
+    this.dirtyL1.clear();
+    const first = idx[0]!;
+    const last = idx[idx.length - 1]!;
+    const buf = Buffer.alloc((last - first + 1) * 8);
+    for (let i = first; i <= last; i++) writeEntry(buf, (i - first) * 8, l1.l2Offsets[i]!, l1.copied[i] === 1);
+    await this.img.file.pwrite(buf, l1.tableOffset + first * 8);
+  }
+
+  // ---------------------------------------------------------------- resize
+
+  /** Grows the virtual disk to newSize bytes (shrinking is refused). */
+  resize(newSize: number): Promise<void> {
+    return this.lock.run(async () => {
+      this.check();
+      const img = this.img;
+      if (newSize < img.size) throw new UsageError(`shrinking ${img.file.path} from ${img.size} to ${newSize} bytes is not supported`);
+      if (newSize % 512 !== 0) throw new UsageError(`the new size ${newSize} is not a multiple of 512 bytes`);
+      if (newSize === img.size) return;
+      const rc = await this.prepare();
+      const l1 = img.l1;
+      const newL1Size = Math.ceil(newSize / this.bytesPerL2);
+      const h = img.header;
+      if (newL1Size > l1.l2Offsets.length) {
+        if (newL1Size * 8 > 32 * 1024 * 1024) throw new UsageError(`size ${newSize} needs an L1 table above 32 MiB`);
+        const capacity = Math.ceil((l1.l2Offsets.length * 8) / this.cs) * this.cs / 8;
+        const offsets = new Float64Array(newL1Size);
+        offsets.set(l1.l2Offsets);
+        const copied = new Uint8Array(newL1Size);
+        copied.set(l1.copied);
+        const oldOffset = l1.tableOffset;
+        const oldClusters = Math.ceil((l1.l2Offsets.length * 8) / this.cs);
+        l1.l2Offsets = offsets;
+        l1.copied = copied;
+        if (newL1Size <= capacity && l1.l2Offsets.length > 0 && oldOffset !== 0) {
+          for (let i = 0; i < newL1Size; i++) this.dirtyL1.add(i);
+          await this.flushLocked();
+        } else {
+          await this.flushLocked();
+          const clusters = Math.ceil((newL1Size * 8) / this.cs);
+          const at = await rc.allocate(clusters);
+          img.noteFileEnd(rc.endBytes);
+          l1.tableOffset = at;
+          const buf = Buffer.alloc(clusters * this.cs);
+          for (let i = 0; i < newL1Size; i++) writeEntry(buf, i * 8, offsets[i]!, copied[i] === 1);
+          await img.file.pwrite(buf, at);
+          await rc.writeDirtyBlocks();
+          if (rc.tableDirty) {
+            await img.file.flush();
+            await rc.writeTable();
+          }
+          await img.file.flush();
+          img.setRegion('L1 table', at, clusters * this.cs);
+          if (oldOffset !== 0 && oldClusters > 0) this.pendingFrees.push({ offset: oldOffset, bytes: oldClusters * this.cs });
+        }
+      }
+      // size, l1_size and l1_table_offset in one write (header bytes 24..47).
+      const b = Buffer.alloc(24);
+      b.writeBigUInt64BE(BigInt(newSize), 0);
+      b.writeUInt32BE(h.cryptMethod, 8);
+      b.writeUInt32BE(l1.l2Offsets.length, 12);
+      b.writeBigUInt64BE(BigInt(l1.tableOffset), 16);
+      await img.file.pwrite(b, 24);
+      await img.file.flush();
+      h.sizeBytes = newSize;
+      h.l1Size = l1.l2Offsets.length;
+      h.l1TableOffset = l1.tableOffset;
+      img.setSize(newSize);
+      this.dataDirty = true;
+      await this.flushLocked();
+    });
+  }
+
+  // ---------------------------------------------------------------- close
+
+  /** Flushes everything and clears the dirty bit we set. */
+  async close(): Promise<void> {
+    if (this.writebackTimer) {
+      clearTimeout(this.writebackTimer);
+      this.writebackTimer = null;
+    }
+    await this.lock.run(async () => {
+      if (this.failed) return;
+      // Deferred frees dirty refcount blocks again; loop until clean.
+      for (let i = 0; i < 4 && this.hasUnflushed; i++) await this.flushLocked();
+      if (this.setDirtyBit) {
+        const h = this.img.header;
+        h.incompatibleFeatures &= ~INCOMPAT_DIRTY;
+        await this.writeHeaderU64(72, h.incompatibleFeatures);
+        this.setDirtyBit = false;
+      }
+    });
+  }
+}
