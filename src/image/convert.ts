@@ -50,15 +50,32 @@ function isZero(buf: Buffer, zero: Buffer): boolean {
   return buf.length === zero.length ? buf.equals(zero) : buf.equals(zero.subarray(0, buf.length));
 }
 
-/** Reads [start, end) of the source in chunks, handing out cluster-sized pieces in order. */
+/** The read requests covering `ranges`, in order. */
+function chunks(ranges: Array<[number, number]>): Array<[number, number]> {
+  const out: Array<[number, number]> = [];
+  for (const [start, end] of ranges) for (let pos = start; pos < end; pos += READ_CHUNK_BYTES) out.push([pos, Math.min(READ_CHUNK_BYTES, end - pos)]);
+  return out;
+}
+
+/**
+ * Reads the ranges in chunks, one chunk ahead of the consumer (so reading the source overlaps
+ * with writing the destination), handing out cluster-sized pieces in order.
+ */
 async function* clusters(src: BlockDevice, ranges: Array<[number, number]>, cs: number): AsyncGenerator<{ index: number; data: Buffer }> {
-  for (const [start, end] of ranges) {
-    for (let pos = start; pos < end; pos += READ_CHUNK_BYTES) {
-      const len = Math.min(READ_CHUNK_BYTES, end - pos);
-      const buf = Buffer.allocUnsafe(len);
-      await src.read(buf, pos);
-      for (let off = 0; off < len; off += cs) yield { index: (pos + off) / cs, data: buf.subarray(off, Math.min(off + cs, len)) };
-    }
+  const list = chunks(ranges);
+  const read = (i: number): Promise<Buffer> => {
+    const [pos, len] = list[i]!;
+    const buf = Buffer.allocUnsafe(len);
+    return src.read(buf, pos).then(() => buf);
+  };
+  let next = list.length ? read(0) : null;
+  for (let i = 0; i < list.length; i++) {
+    const buf = await next!;
+    next = i + 1 < list.length ? read(i + 1) : null;
+    // Keep a failing prefetch from being reported as unhandled before it is awaited.
+    next?.catch(() => undefined);
+    const [pos, len] = list[i]!;
+    for (let off = 0; off < len; off += cs) yield { index: (pos + off) / cs, data: buf.subarray(off, Math.min(off + cs, len)) };
   }
 }
 
@@ -140,16 +157,17 @@ export async function convertToRaw(src: BlockDevice, dst: string, progress?: Con
         await src.read(buf, pos);
         // Write maximal runs of non-zero blocks.
         let runStart = -1;
-        for (let off = 0; off <= len; off += g) {
-          const blockIsData = off < len && !isZero(buf.subarray(off, Math.min(off + g, len)), zero);
+        const writeRun = async (runEnd: number): Promise<void> => {
+          await fh.write(buf, runStart, runEnd - runStart, pos + runStart);
+          stats.dataClusters += runEnd - runStart;
+          runStart = -1;
+        };
+        for (let off = 0; off < len; off += g) {
+          const blockIsData = !isZero(buf.subarray(off, Math.min(off + g, len)), zero);
           if (blockIsData && runStart < 0) runStart = off;
-          if (!blockIsData && runStart >= 0) {
-            const runEnd = Math.min(off, len);
-            await fh.write(buf, runStart, runEnd - runStart, pos + runStart);
-            stats.dataClusters += runEnd - runStart;
-            runStart = -1;
-          }
+          else if (!blockIsData && runStart >= 0) await writeRun(off);
         }
+        if (runStart >= 0) await writeRun(len);
         done += len;
         progress?.(total ? done / total : 1);
       }
