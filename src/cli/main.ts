@@ -12,6 +12,7 @@ import { registerCreate } from './create';
 import { registerInfo } from './info';
 import { registerMap } from './map';
 import { registerMount } from './mount';
+import { registerResize } from './resize';
 import { registerUmount } from './umount';
 
 function version(): string {
@@ -44,6 +45,7 @@ export function buildCli(args: string[]): Argv<GlobalArgs> {
   y = registerCheck(y);
   y = registerCreate(y);
   y = registerConvert(y);
+  y = registerResize(y);
   return y.fail((msg, err) => {
     if (err) throw err;
     process.stderr.write(`qcow2fs: ${msg.split('\n')[0]}\nTry "qcow2fs --help".\n`);
