@@ -7,6 +7,7 @@ import * as path from 'node:path';
 import yargs, { type Argv } from 'yargs';
 import { EXIT_USAGE, type GlobalArgs } from './common';
 import { registerCheck } from './check';
+import { registerCommit } from './commit';
 import { registerConvert } from './convert';
 import { registerCreate } from './create';
 import { registerInfo } from './info';
@@ -46,6 +47,7 @@ export function buildCli(args: string[]): Argv<GlobalArgs> {
   y = registerCreate(y);
   y = registerConvert(y);
   y = registerResize(y);
+  y = registerCommit(y);
   return y.fail((msg, err) => {
     if (err) throw err;
     process.stderr.write(`qcow2fs: ${msg.split('\n')[0]}\nTry "qcow2fs --help".\n`);

@@ -1,5 +1,6 @@
 /**
- * Shrinking a qcow2 image (what qemu-img resize --shrink does): the virtual size goes down,
+ * Shrinking a qcow2 image (what qemu-img resize --shrink does), and emptying its active layer
+ * (what qemu-img commit does to the overlay): the virtual size goes down,
  * every cluster mapped past the new end is released, and the file is cut after the last
  * cluster still in use. The L1 table keeps its length, as in QEMU.
  *
@@ -36,21 +37,59 @@ function entryReference(table: Buffer, at: number, clusterBits: number, clusterS
   return host === 0 ? null : { offset: host, bytes: clusterSize };
 }
 
+function checkWritable(img: Qcow2Image): void {
+  const h = img.header;
+  const file = img.file;
+  if (file.readOnly) throw new Error('internal: needs a writable file');
+  if (h.incompatibleFeatures & INCOMPAT_CORRUPT) throw new ImageError('image is marked corrupt: repair it with "qcow2fs check -r all" first', file.path);
+  if (h.incompatibleFeatures & INCOMPAT_DIRTY) throw new ImageError('image was not closed cleanly (its refcounts may be stale): run "qcow2fs check -r all" first', file.path);
+}
+
+/** Persistent bitmaps are not updated by us: disown them (spec: autoclear bits), durably. */
+async function disownBitmaps(img: Qcow2Image): Promise<void> {
+  const h = img.header;
+  if (h.version === 3 && h.autoclearFeatures & AUTOCLEAR_BITMAPS) {
+    const ac = Buffer.alloc(8);
+    ac.writeBigUInt64BE(h.autoclearFeatures & ~AUTOCLEAR_BITMAPS);
+    await img.file.pwrite(ac, 88);
+    await img.file.flush();
+  }
+}
+
 /**
  * Shrinks `img` (opened read-only over a writable file, nothing cached dirty) to newSize bytes.
  * Returns the new file length.
  */
 export async function shrinkQcow2(img: Qcow2Image, newSize: number): Promise<number> {
   const h = img.header;
+  checkWritable(img);
+  if (!Number.isSafeInteger(newSize) || newSize <= 0 || newSize % 512 !== 0) throw new UsageError(`the new size ${newSize} must be above 0 and a multiple of 512 bytes`);
+  if (newSize >= h.sizeBytes) throw new Error('internal: shrink to a size that is not smaller');
+  // 1. The new size first: nothing past it is read again, whatever happens next.
+  const size = Buffer.alloc(8);
+  size.writeBigUInt64BE(BigInt(newSize));
+  await img.file.pwrite(size, 24);
+  await img.file.flush();
+  await disownBitmaps(img);
+  return releaseAndTrim(img, Math.ceil(newSize / img.geometry.clusterSize));
+}
+
+/**
+ * Empties the active layer (what qemu-img commit does to the overlay afterwards): every guest
+ * cluster becomes unallocated, so reads go to the backing file again. Snapshots keep their data.
+ */
+export async function emptyQcow2(img: Qcow2Image): Promise<number> {
+  checkWritable(img);
+  await disownBitmaps(img);
+  return releaseAndTrim(img, 0);
+}
+
+/** Unmaps guest clusters from firstDropped on, releases what they used, cuts the file. */
+async function releaseAndTrim(img: Qcow2Image, firstDropped: number): Promise<number> {
+  const h = img.header;
   const file = img.file;
   const g = img.geometry;
   const cs = g.clusterSize;
-  if (file.readOnly) throw new Error('internal: shrink needs a writable file');
-  if (!Number.isSafeInteger(newSize) || newSize <= 0 || newSize % 512 !== 0) throw new UsageError(`the new size ${newSize} must be above 0 and a multiple of 512 bytes`);
-  if (newSize >= h.sizeBytes) throw new Error('internal: shrink to a size that is not smaller');
-  if (h.incompatibleFeatures & INCOMPAT_CORRUPT) throw new ImageError('image is marked corrupt: repair it with "qcow2fs check -r all" first', file.path);
-  if (h.incompatibleFeatures & INCOMPAT_DIRTY) throw new ImageError('image was not closed cleanly (its refcounts may be stale): run "qcow2fs check -r all" first', file.path);
-
   const rc = await RefcountManager.load({
     file,
     clusterBits: h.clusterBits,
@@ -78,20 +117,8 @@ export async function shrinkQcow2(img: Qcow2Image, newSize: number): Promise<num
     await file.flush();
   };
 
-  // 1. The new size (and stale bitmaps disowned: we do not resize them).
-  const size = Buffer.alloc(8);
-  size.writeBigUInt64BE(BigInt(newSize));
-  await file.pwrite(size, 24);
-  if (h.version === 3 && h.autoclearFeatures & AUTOCLEAR_BITMAPS) {
-    const ac = Buffer.alloc(8);
-    ac.writeBigUInt64BE(h.autoclearFeatures & ~AUTOCLEAR_BITMAPS);
-    await file.pwrite(ac, 88);
-  }
-  await file.flush();
-
   // 2. Release what lies past the new end, one L2 table at a time.
   const perTable = g.l2Entries;
-  const firstDropped = Math.ceil(newSize / cs);
   const l1 = img.l1;
   const l1Entry = Buffer.alloc(8);
   for (let i = Math.floor(firstDropped / perTable); i < l1.l2Offsets.length; i++) {
