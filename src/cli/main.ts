@@ -12,6 +12,10 @@ import { registerInfo } from './info';
 import { registerMap } from './map';
 import { registerMount } from './mount';
 import { registerSnapshot } from './snapshot';
+import { registerCommit } from './commit';
+import { registerConvert } from './convert';
+import { registerCreate } from './create';
+import { registerResize } from './resize';
 import { registerUmount } from './umount';
 
 function version(): string {
@@ -44,6 +48,10 @@ export function buildCli(args: string[]): Argv<GlobalArgs> {
   y = registerCheck(y);
   y = registerSnapshot(y);
   y = registerInstallHelper(y);
+  y = registerCreate(y);
+  y = registerConvert(y);
+  y = registerResize(y);
+  y = registerCommit(y);
   return y.fail((msg, err) => {
     if (err) throw err;
     process.stderr.write(`qcow2fs: ${msg.split('\n')[0]}\nTry "qcow2fs --help".\n`);
