@@ -10,6 +10,7 @@ import { describeSystemError, ImageError, UnsupportedError, UsageError } from '.
 import { FdFile, type HostFile } from '../io/file';
 import { lockImageFile, lockProfile } from '../io/lock';
 import { log } from '../log';
+import { createQcow2 } from '../qcow2/create-image';
 import { Qcow2Image, readHeader } from '../qcow2/image';
 import { findSnapshot } from '../qcow2/snapshot';
 import type { BlockDevice } from './blockdev';
@@ -77,7 +78,7 @@ export function resolveBackingPath(overlayPath: string, backingName: string): st
 }
 
 export async function openImage(imagePath: string, opts: OpenOptions): Promise<OpenedImage> {
-  if (opts.overlay !== undefined) throw new UnsupportedError(`--overlay ${opts.overlay}: overlays are not supported yet`);
+  if (opts.overlay !== undefined) return openOverlay(imagePath, opts.overlay, { ...opts, overlay: undefined });
   // A snapshot view never writes: open the file O_RDONLY too, not just the view.
   if (opts.snapshot !== undefined && !opts.readOnly) opts = { ...opts, readOnly: true };
   if (opts.lock === 'share' && !opts.readOnly) throw new UsageError('--force-share needs a read-only open (--read-only)');
@@ -92,6 +93,64 @@ export async function openImage(imagePath: string, opts: OpenOptions): Promise<O
     for (const layer of chain) await layer.device.close().catch(() => undefined);
     throw err;
   }
+}
+
+/**
+ * Writes go to a qcow2 overlay whose backing file is the image; the image itself is opened
+ * read-only (as the overlay's backing) and never changes. A missing overlay is created with the
+ * image's virtual size, a relative backing name and the backing format recorded; an existing one
+ * is reused when its backing file is the image.
+ */
+async function openOverlay(imagePath: string, overlayPath: string, opts: OpenOptions): Promise<OpenedImage> {
+  if (opts.readOnly) throw new UsageError('--overlay is for writing; to read the image without changing it, use --read-only alone');
+  if (opts.snapshot !== undefined) throw new UsageError('--overlay and --snapshot cannot be combined');
+  const image = path.resolve(imagePath);
+  const overlay = path.resolve(overlayPath);
+  const realImage = (() => {
+    try {
+      return fs.realpathSync(image);
+    } catch (err) {
+      throw new UsageError(describeSystemError(err, `image ${imagePath}`));
+    }
+  })();
+  if (fs.existsSync(overlay) && fs.realpathSync(overlay) === realImage) throw new UsageError(`the overlay ${overlayPath} is the image itself`);
+  if (!fs.existsSync(overlay)) {
+    const base = await openImage(image, { ...opts, readOnly: true, lock: opts.lock === 'none' ? 'none' : 'share' });
+    const sizeBytes = base.device.size;
+    const format = base.chain[0]!.format;
+    await base.device.close();
+    let backingName = path.relative(path.dirname(overlay), realImage);
+    if (backingName.startsWith('../../../') || backingName.length > 1000) backingName = realImage;
+    log.info({ overlay, backing: backingName, format }, 'creating overlay');
+    await createQcow2(
+      overlay,
+      {
+        sizeBytes,
+        clusterBits: 16,
+        version: 3,
+        refcountOrder: 4,
+        extendedL2: false,
+        lazyRefcounts: false,
+        compressionType: 0,
+        backingFile: backingName,
+        backingFormat: format,
+      },
+      'off',
+    );
+  }
+  const opened = await openImage(overlay, opts);
+  const backing = opened.chain[1];
+  let sameImage = false;
+  try {
+    sameImage = backing !== undefined && fs.realpathSync(backing.path) === realImage;
+  } catch {
+    sameImage = false;
+  }
+  if (opened.chain[0]?.format !== 'qcow2' || !sameImage) {
+    await opened.device.close();
+    throw new UsageError(`${overlayPath} exists and is not a qcow2 overlay of ${imagePath}${backing ? ` (its backing file is ${backing.path})` : ''}`);
+  }
+  return opened;
 }
 
 /** An allowed backing directory, as the real path backing files are compared with. */
