@@ -102,7 +102,7 @@ describe('mount(8) and umount(8)', () => {
     expect(isMounted(mp)).toBe(false);
   });
 
-  it('-o rw then umount: the daemon flushes and exits, qemu-img check is clean, logs went to log_file only', async () => {
+  it('-o rw, writes, then umount: the daemon flushes and exits, qemu-img check is clean, logs went to log_file only', async () => {
     const mp = mountpoint();
     const logFile = path.join(dir, 'rw.log');
     const m = run('mount', ['-t', 'fuse.qcow2fs', image, mp, '-o', `rw,log_level=info,log_file=${logFile}`]);
@@ -116,12 +116,19 @@ describe('mount(8) and umount(8)', () => {
     expect(check.code).not.toBe(0);
     expect(check.stderr).toMatch(/Failed to get shared "write" lock/);
     expect(sha256File(path.join(mp, 'disk.raw'))).toBe(qemuRawSha(image, ['-U']));
+    // Real writes through the mount(8)-made mount.
+    const fd = fs.openSync(path.join(mp, 'disk.raw'), 'r+');
+    fs.writeSync(fd, Buffer.alloc(1024 * 1024 + 777, 0x5e), 0, 1024 * 1024 + 777, 3 * 1024 * 1024 + 333);
+    fs.closeSync(fd);
 
     expect(run('umount', [mp]).code).toBe(0);
     expect(await waitGone(pids)).toBe(true);
     const after = run('qemu-img', ['check', image]);
     expect(after.code, after.stdout + after.stderr).toBe(0);
     expect(after.stdout).toMatch(/No errors were found/);
+    const readBack = run('qemu-io', ['-f', 'qcow2', '-c', `read -P 0x5e ${3 * 1024 * 1024 + 333} ${1024 * 1024 + 777}`, image]);
+    expect(readBack.stdout).not.toMatch(/Pattern verification failed/);
+    expect(readBack.code).toBe(0);
     const log = fs.readFileSync(logFile, 'utf8');
     expect(log).toMatch(/mounted/);
     expect(log).toMatch(/stopped/);

@@ -82,4 +82,31 @@ describe.each([
     expect(fs.statSync(image).size).toBeLessThanOrEqual(before);
     await expect(withImage(image, (img) => deleteSnapshot(img, 'nope'))).rejects.toThrow(/no snapshot/);
   });
+
+  it('interoperates with qemu-img snapshot both ways', async () => {
+    need('qemu-img', 'qemu-io');
+    const dir = scratchDir('snapx');
+    const image = path.join(dir, 'x.qcow2');
+    qemuImg('create', '-q', '-f', 'qcow2', '-o', c.opts, image, '16M');
+    qemuIo(image, ['write -P 0x10 0 2M']);
+    const a = rawSha(image);
+    await withImage(image, (img) => createSnapshot(img, 'ours'));
+    qemuIo(image, ['write -P 0x20 1M 2M']);
+    qemuImg('snapshot', '-c', 'theirs', image);
+    const b = rawSha(image);
+    qemuIo(image, ['write -P 0x30 0 4M']);
+    // QEMU lists and applies ours...
+    expect(qemuImg('snapshot', '-l', image)).toMatch(/ours[\s\S]*theirs/);
+    qemuImg('snapshot', '-a', 'ours', image);
+    expect(rawSha(image)).toBe(a);
+    expectClean(image);
+    // ...and we apply and delete QEMU's.
+    await withImage(image, (img) => applySnapshot(img, 'theirs'));
+    expect(rawSha(image)).toBe(b);
+    expectClean(image);
+    await withImage(image, (img) => deleteSnapshot(img, 'theirs'));
+    qemuImg('snapshot', '-d', 'ours', image);
+    expectClean(image);
+    expect(rawSha(image)).toBe(b);
+  });
 });
