@@ -384,3 +384,31 @@ describe('check agrees with qemu-img check', () => {
     }
   });
 });
+
+describe('toolkit verbs respect QEMU image locks', () => {
+  it('check, check -r, resize and commit refuse an image a qemu-io process holds for writing; check -U reads it', async () => {
+    need('qemu-img', 'qemu-io');
+    const { spawn } = await import('node:child_process');
+    const dir = scratchDir('check-lock');
+    const base = path.join(dir, 'base.qcow2');
+    const img = path.join(dir, 'img.qcow2');
+    qemuImg('create', '-q', '-f', 'qcow2', base, '4M');
+    qemuImg('create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', img);
+    const holder = spawn('qemu-io', ['-f', 'qcow2', '-c', 'sleep 20000', img], { stdio: 'ignore' });
+    try {
+      // Wait until qemu-io holds its locks (qemu-img check then fails too).
+      for (let i = 0; i < 50 && run('qemu-img', ['check', img]).code === 0; i++) await new Promise((r) => setTimeout(r, 100));
+      const before = fs.readFileSync(img);
+      for (const args of [['check', img], ['check', '-r', 'all', img], ['resize', img, '8M'], ['commit', img]]) {
+        const r = qcow2fs(args);
+        expect({ args, failed: r.code !== 0 }).toEqual({ args, failed: true });
+        expect(r.stderr).toMatch(/in use/);
+        expect(r.stderr.trim().split('\n')).toHaveLength(1);
+      }
+      expect(fs.readFileSync(img).equals(before)).toBe(true);
+      expect(qcow2fs(['check', '-U', img]).code).toBe(0);
+    } finally {
+      holder.kill('SIGKILL');
+    }
+  });
+});

@@ -8,6 +8,7 @@ import type { Argv } from 'yargs';
 import { describeSystemError, UsageError } from '../errors';
 import { probeFormat } from '../image/probe';
 import { FdFile, type HostFile } from '../io/file';
+import { lockImageFile, lockProfile } from '../io/lock';
 import { checkQcow2, type CheckCounts, type CheckOutcome, type RepairMode } from '../qcow2/check';
 import { reportError, setupLogging, type GlobalArgs } from './common';
 import { qemuJson, type JsonValue } from './qemu-json';
@@ -20,6 +21,7 @@ interface CheckArgs extends GlobalArgs {
   format?: string;
   quiet: boolean;
   progress?: boolean;
+  'force-share': boolean;
 }
 
 export const EXIT_CHECK_CLEAN = 0;
@@ -126,6 +128,9 @@ async function runCheck(argv: CheckArgs): Promise<number> {
       process.stderr.write('qcow2fs: this image format (raw) does not support checks\n');
       return EXIT_CHECK_UNSUPPORTED;
     }
+    // As qemu-img check: nobody may write the image meanwhile; repairing also needs write access.
+    if (argv['force-share'] && repair !== 'none') throw new UsageError('--force-share cannot be combined with -r');
+    lockImageFile(file, lockProfile({ writable: repair !== 'none', format: 'qcow2', forceShare: argv['force-share'] }));
     const size = await file.size();
     const showProgress = argv.progress ?? (!argv.quiet && process.stderr.isTTY === true && size >= 256 * 1024 * 1024);
     const progress = showProgress ? new Progress(process.stderr) : null;
@@ -167,6 +172,7 @@ export function registerCheck(y: Argv<GlobalArgs>): Argv<GlobalArgs> {
         .option('output', { type: 'string', default: 'human', describe: 'human or json' })
         .option('format', { alias: 'f', type: 'string', describe: 'image format (qcow2; raw has nothing to check)' })
         .option('quiet', { alias: 'q', type: 'boolean', default: false, describe: 'print no summary (findings still go to stderr)' })
+        .option('force-share', { alias: 'U', type: 'boolean', default: false, describe: 'check even while another process writes the image (findings may be spurious)' })
         .option('progress', { alias: 'p', type: 'boolean', describe: 'show progress on stderr (default: on a terminal, for images of 256 MiB and more)' })
         .example('$0 check disk.qcow2', 'report corruptions and leaked clusters; writes nothing')
         .example('$0 check -r leaks disk.qcow2', 'free clusters that nothing references')

@@ -9,6 +9,7 @@ import { describeSystemError, UsageError } from '../errors';
 import { openImage } from '../image/open';
 import { probeFormat, type ImageFormat } from '../image/probe';
 import { FdFile } from '../io/file';
+import { lockImageFile, lockProfile } from '../io/lock';
 import { Qcow2Image, readHeader } from '../qcow2/image';
 import { shrinkQcow2 } from '../qcow2/shrink';
 import { parseSize, runCommand, type GlobalArgs } from './common';
@@ -58,7 +59,7 @@ export function registerResize(y: Argv<GlobalArgs>): Argv<GlobalArgs> {
         .epilog(
           'Shrinking needs --shrink, and is refused for version 2 images with snapshots, as by qemu-img. The image must ' +
             'not be mounted read-write meanwhile. Persistent bitmaps are not resized: they are marked stale.\n' +
-            'Exit status: 0 resized, 1 failure (the image is unchanged), 2 bad arguments.',
+            'Exit status: 0 resized, 1 failure (an interrupted shrink can leave leaked clusters, never corruption), 2 bad arguments.',
         ) as unknown as Argv<ResizeArgs>,
     runCommand<ResizeArgs>(async (argv) => {
       const sizeText = argv.size ?? (argv._.length > 1 ? String(argv._[argv._.length - 1]) : undefined);
@@ -70,6 +71,7 @@ export function registerResize(y: Argv<GlobalArgs>): Argv<GlobalArgs> {
         const head = Buffer.alloc(512);
         await file.pread(head, 0);
         format = (argv.format as ImageFormat | undefined) ?? probeFormat(head, argv.image);
+        lockImageFile(file, lockProfile({ writable: true, format }));
         if (format === 'raw') {
           const current = await file.size();
           const want = targetSize(current, sizeText);

@@ -5,12 +5,14 @@
  * still shows the same disk: the ranges being changed in the backing file are exactly those the
  * overlay covers, until the overlay is emptied, by which time the backing file holds them.
  */
-import { ImageError, UsageError } from '../errors';
+import * as path from 'node:path';
+import { describeSystemError, ImageError, UsageError } from '../errors';
+import { lockImageFile, lockProfile } from '../io/lock';
 import { FdFile } from '../io/file';
 import { Qcow2Image, readHeader } from '../qcow2/image';
 import { emptyQcow2 } from '../qcow2/shrink';
 import type { BlockDevice } from './blockdev';
-import { openImage } from './open';
+import { openImage, resolveBackingPath } from './open';
 import { parseFormat } from './probe';
 import { RawImage } from './raw';
 
@@ -44,20 +46,27 @@ async function overlayRanges(top: BlockDevice): Promise<Array<[number, number]>>
 }
 
 export async function commitOverlay(overlayPath: string, opts: CommitOptions): Promise<CommitResult> {
-  const opened = await openImage(overlayPath, { readOnly: true, format: 'qcow2' });
+  // The overlay is opened alone (its backing file is opened once, writable, below) and locked
+  // as QEMU locks an image it writes: both files are ours for the whole operation.
+  let file: FdFile;
+  try {
+    file = await FdFile.open(overlayPath, false);
+  } catch (err) {
+    throw new UsageError(describeSystemError(err, `overlay ${overlayPath}`));
+  }
   let bytesCommitted = 0;
   let backingPath: string;
   try {
-    const top = opened.chain[0]!.device;
-    if (!(top instanceof Qcow2Image) || top.header.backingFile === null || opened.chain.length < 2) {
-      throw new UsageError(`${overlayPath} has no backing file to commit into`);
-    }
-    const h = top.header;
-    backingPath = opened.chain[1]!.path;
-    const backingFormat = h.backingFormat ? parseFormat(h.backingFormat, `${overlayPath}: backing format`) : opened.chain[1]!.format;
+    lockImageFile(file, lockProfile({ writable: true, format: 'qcow2' }), 'image');
+    const known = await readHeader(file);
+    const h = known.header;
+    if (h.backingFile === null) throw new UsageError(`${overlayPath} has no backing file to commit into`);
+    const top = await Qcow2Image.open(file, { readOnly: true, backing: null, l2CacheBytes: 0 }, known);
+    backingPath = resolveBackingPath(path.resolve(overlayPath), h.backingFile);
+    const backingFormat = h.backingFormat ? parseFormat(h.backingFormat, `${overlayPath}: backing format`) : undefined;
     const ranges = await overlayRanges(top);
     const total = ranges.reduce((a, [, l]) => a + l, 0);
-    const base = await openImage(backingPath, { readOnly: false, format: backingFormat });
+    const base = await openImage(backingPath, { readOnly: false, ...(backingFormat ? { format: backingFormat } : {}) });
     try {
       const dev = base.device;
       if (dev.size < top.size) {
@@ -83,18 +92,10 @@ export async function commitOverlay(overlayPath: string, opts: CommitOptions): P
     } finally {
       await base.device.close();
     }
+    // Only now that the backing file holds the data durably does the overlay let go of it.
+    if (!opts.keepOverlay) await emptyQcow2(top);
   } finally {
-    await opened.device.close();
-  }
-  if (!opts.keepOverlay) {
-    const file = await FdFile.open(overlayPath, false);
-    try {
-      const known = await readHeader(file);
-      const img = await Qcow2Image.open(file, { readOnly: true, backing: null, l2CacheBytes: 0 }, known);
-      await emptyQcow2(img);
-    } finally {
-      await file.close();
-    }
+    await file.close();
   }
   opts.progress?.(1);
   return { bytesCommitted, backingPath };
