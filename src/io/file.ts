@@ -53,18 +53,23 @@ function writeAllSync(fd: number, bufs: readonly Uint8Array[], offset: number): 
     const n = list.length === 1 ? fs.writeSync(fd, list[0]!, 0, list[0]!.length, pos) : fs.writevSync(fd, list as NodeJS.ArrayBufferView[], pos);
     pos += n;
     if (n === total) return;
-    let skip = n;
-    const rest: Uint8Array[] = [];
-    for (const b of list) {
-      if (skip >= b.length) {
-        skip -= b.length;
-        continue;
-      }
-      rest.push(skip > 0 ? b.subarray(skip) : b);
-      skip = 0;
-    }
-    list = rest;
+    list = withoutWritten(list, n);
   }
+}
+
+/** The buffers still to write after a short write of `n` bytes. */
+function withoutWritten(list: readonly Uint8Array[], n: number): Uint8Array[] {
+  let skip = n;
+  const rest: Uint8Array[] = [];
+  for (const b of list) {
+    if (skip >= b.length) {
+      skip -= b.length;
+      continue;
+    }
+    rest.push(skip > 0 ? b.subarray(skip) : b);
+    skip = 0;
+  }
+  return rest;
 }
 
 /** Reads up to this size try the page cache synchronously first (preadv2 RWF_NOWAIT). */
@@ -167,18 +172,7 @@ export class FdFile implements HostFile {
         list = list.slice(batch.length);
         continue;
       }
-      // Short write: drop what was written and go on with the rest.
-      let skip = n;
-      const rest: Uint8Array[] = [];
-      for (const b of list) {
-        if (skip >= b.length) {
-          skip -= b.length;
-          continue;
-        }
-        rest.push(skip > 0 ? b.subarray(skip) : b);
-        skip = 0;
-      }
-      list = rest;
+      list = withoutWritten(list, n); // short write: go on with the rest
     }
   }
 
