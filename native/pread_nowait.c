@@ -6,10 +6,18 @@
  *
  *   preadNowait(fd, buffer, offset, length, position) -> bytes read (0 at end of file, fewer
  *   than length when only part is cached), or a negative errno (-EAGAIN: not cached).
+ *
+ * And lseek(2) with SEEK_DATA / SEEK_HOLE, which Node does not expose, so that `map` can tell
+ * holes in the host file apart from data, as qemu-img map does:
+ *
+ *   seekDataHole(fd, position, wantHole) -> the offset of the next data (or hole) at or after
+ *   position, or a negative errno (-ENXIO: no data after position).
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <stdbool.h>
 #include <sys/uio.h>
+#include <unistd.h>
 #include <node_api.h>
 
 #ifndef RWF_NOWAIT
@@ -52,9 +60,26 @@ static napi_value pread_nowait(napi_env env, napi_callback_info info) {
   return number(env, n == -1 ? -(int64_t)errno : (int64_t)n);
 }
 
+static napi_value seek_data_hole(napi_env env, napi_callback_info info) {
+  size_t argc = 3;
+  napi_value argv[3];
+  int32_t fd;
+  int64_t position;
+  bool want_hole;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc != 3 ||
+      napi_get_value_int32(env, argv[0], &fd) != napi_ok || napi_get_value_int64(env, argv[1], &position) != napi_ok ||
+      napi_get_value_bool(env, argv[2], &want_hole) != napi_ok || fd < 0 || position < 0) {
+    napi_throw_type_error(env, NULL, "expected (fd, position, wantHole)");
+    return NULL;
+  }
+  off_t r = lseek(fd, (off_t)position, want_hole ? SEEK_HOLE : SEEK_DATA);
+  return number(env, r == (off_t)-1 ? -(int64_t)errno : (int64_t)r);
+}
+
 static napi_value init(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
     {"preadNowait", NULL, pread_nowait, NULL, NULL, NULL, napi_default, NULL},
+    {"seekDataHole", NULL, seek_data_hole, NULL, NULL, NULL, napi_default, NULL},
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
   return exports;

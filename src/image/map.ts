@@ -3,7 +3,10 @@
  * map`: each guest range is answered by the first layer that has it (its depth), as data, zero
  * or (below the last layer) unallocated zeros, with the host offset when there is one.
  */
+import { hostExtent } from '../io/file';
 import { Qcow2Image } from '../qcow2/image';
+import { RefcountManager } from '../qcow2/refcount';
+import { RawImage } from './raw';
 import { qcow2LayerStatus, type LayerStatus } from '../qcow2/block-status';
 import type { ChainLayer } from './open';
 
@@ -25,10 +28,60 @@ const PROBE_BYTES = 1 << 30;
 
 async function layerStatus(layer: ChainLayer, offset: number, bytes: number): Promise<LayerStatus> {
   const dev = layer.device;
-  if (dev instanceof Qcow2Image) return qcow2LayerStatus(dev, offset, bytes);
-  // Raw: every byte is data at the same offset. (QEMU also asks the host file system for holes,
-  // which Node cannot do without lseek(SEEK_DATA); holes show as data here.)
+  if (dev instanceof Qcow2Image) {
+    const st = await qcow2LayerStatus(dev, offset, bytes);
+    // Like QEMU, on an image that looks metadata-preallocated, data whose host clusters are a
+    // hole in the file reads as zeros.
+    if (st.data && st.hostOffset !== undefined && (await looksMetadataPreallocated(dev))) {
+      const h = hostExtent(dev.file.fd, st.hostOffset, st.length);
+      return { ...st, length: h.length, zero: h.hole };
+    }
+    return st;
+  }
+  if (dev instanceof RawImage) {
+    // Raw: data at the same offset, except where the file has holes (SEEK_DATA/SEEK_HOLE).
+    const h = hostExtent(dev.file.fd, offset, bytes);
+    return { length: h.length, data: !h.hole, zero: h.hole, allocated: true, hostOffset: offset };
+  }
   return { length: bytes, data: true, zero: false, allocated: true, hostOffset: offset };
+}
+
+const preallocated = new WeakMap<Qcow2Image, Promise<boolean>>();
+
+/**
+ * QEMU asks the host file for holes under data clusters only when the image looks
+ * metadata-preallocated: more clusters have a refcount than the file really occupies (plus a
+ * ninth, or two clusters). A falloc/full-preallocated file occupies its clusters.
+ */
+function looksMetadataPreallocated(img: Qcow2Image): Promise<boolean> {
+  let p = preallocated.get(img);
+  if (!p) {
+    p = (async () => {
+      const cs = img.geometry.clusterSize;
+      const real = Math.floor(((await img.file.stat()).blocks * 512) / cs);
+      const threshold = Math.max(Math.floor((real * 10) / 9), real + 2);
+      const h = img.header;
+      const rc = await RefcountManager.load({
+        file: img.file,
+        clusterBits: h.clusterBits,
+        refcountOrder: h.refcountOrder,
+        tableOffset: h.refcountTableOffset,
+        tableClusters: h.refcountTableClusters,
+        fileSize: img.fileSize,
+        cacheBytes: 1024 * 1024,
+        regions: [],
+        commitTableLocation: () => Promise.reject(new Error('internal: read-only refcounts')),
+      });
+      const clusters = Math.ceil(img.fileSize / cs);
+      let allocated = 0;
+      for (let c = 0; c < clusters; c++) {
+        if ((await rc.get(c)) > 0 && ++allocated > threshold) return true;
+      }
+      return false;
+    })();
+    preallocated.set(img, p);
+  }
+  return p;
 }
 
 /** Status of [offset, +bytes) through the chain, as qemu-img map's per-range query. */

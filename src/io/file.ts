@@ -77,6 +77,26 @@ const NOWAIT_READ_MAX_BYTES = 1024 * 1024;
 
 interface IoAddon {
   preadNowait(fd: number, buf: Uint8Array, offset: number, length: number, position: number): number;
+  seekDataHole(fd: number, position: number, wantHole: boolean): number;
+}
+
+const ENXIO = 6;
+
+/**
+ * Whether the host file's bytes at [position, +length) start with a hole (reads as zeros, no
+ * space used) or with data, and for how many bytes that stays true (SEEK_DATA / SEEK_HOLE).
+ * Without the addon, or on a file system without holes, everything is data.
+ */
+export function hostExtent(fd: number, position: number, length: number): { hole: boolean; length: number } {
+  const a = ioAddon();
+  if (!a) return { hole: false, length };
+  const data = a.seekDataHole(fd, position, false);
+  if (data === -ENXIO) return { hole: true, length };
+  if (data < 0) return { hole: false, length };
+  if (data > position) return { hole: true, length: Math.min(length, data - position) };
+  const hole = a.seekDataHole(fd, position, true);
+  if (hole < 0 || hole <= position) return { hole: false, length };
+  return { hole: false, length: Math.min(length, hole - position) };
 }
 let ioAddonCache: IoAddon | null | undefined;
 
