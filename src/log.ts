@@ -2,8 +2,10 @@
  * The one pino logger. Quiet by default (warnings and errors only); `--log-level debug` for
  * detail; `--log-json` keeps pino's JSON lines; `--log-file` sends them to a file (daemons).
  * Without --log-json, lines are rendered as `qcow2fs: LEVEL: message key=value ...` for people.
+ * pino itself is loaded on the first message that passes the level (loading it costs ~70 ms,
+ * paid twice by every `mount`: command and daemon), so a quiet run never loads it.
  */
-import pino, { type Logger, type DestinationStream } from 'pino';
+import type { Logger, DestinationStream } from 'pino';
 import { Writable } from 'node:stream';
 
 export type LogLevel = 'fatal' | 'error' | 'warn' | 'info' | 'debug' | 'trace' | 'silent';
@@ -42,6 +44,8 @@ class HumanStream extends Writable {
 }
 
 function makeLogger(opts: LogOptions): Logger {
+  // eslint-disable-next-line @typescript-eslint/no-require-imports
+  const pino = require('pino') as typeof import('pino');
   const level = opts.level ?? 'warn';
   let dest: DestinationStream;
   if (opts.file) {
@@ -53,10 +57,55 @@ function makeLogger(opts: LogOptions): Logger {
   return pino({ level, base: { pid: process.pid }, timestamp: pino.stdTimeFunctions.isoTime }, dest);
 }
 
-/** The process-wide logger; replaced by configureLogging() once options are parsed. */
-export let log: Logger = makeLogger({});
+type Method = 'fatal' | 'error' | 'warn' | 'info' | 'debug' | 'trace';
+const LEVEL_VALUES: Record<LogLevel, number> = { trace: 10, debug: 20, info: 30, warn: 40, error: 50, fatal: 60, silent: Infinity };
 
-export function configureLogging(opts: LogOptions): Logger {
-  log = makeLogger(opts);
+/** What the code logs through: pino's methods, with pino created on first real use. */
+export interface Log {
+  fatal(objOrMsg: unknown, msg?: string): void;
+  error(objOrMsg: unknown, msg?: string): void;
+  warn(objOrMsg: unknown, msg?: string): void;
+  info(objOrMsg: unknown, msg?: string): void;
+  debug(objOrMsg: unknown, msg?: string): void;
+  trace(objOrMsg: unknown, msg?: string): void;
+}
+
+class LazyLog implements Log {
+  private logger: Logger | null = null;
+  private readonly threshold: number;
+  constructor(private readonly opts: LogOptions) {
+    this.threshold = LEVEL_VALUES[opts.level ?? 'warn'];
+  }
+  private emit(method: Method, objOrMsg: unknown, msg?: string): void {
+    if (LEVEL_VALUES[method] < this.threshold) return;
+    this.logger ??= makeLogger(this.opts);
+    if (msg === undefined) this.logger[method](objOrMsg as string);
+    else this.logger[method](objOrMsg as object, msg);
+  }
+  fatal(o: unknown, m?: string): void {
+    this.emit('fatal', o, m);
+  }
+  error(o: unknown, m?: string): void {
+    this.emit('error', o, m);
+  }
+  warn(o: unknown, m?: string): void {
+    this.emit('warn', o, m);
+  }
+  info(o: unknown, m?: string): void {
+    this.emit('info', o, m);
+  }
+  debug(o: unknown, m?: string): void {
+    this.emit('debug', o, m);
+  }
+  trace(o: unknown, m?: string): void {
+    this.emit('trace', o, m);
+  }
+}
+
+/** The process-wide logger; replaced by configureLogging() once options are parsed. */
+export let log: Log = new LazyLog({});
+
+export function configureLogging(opts: LogOptions): Log {
+  log = new LazyLog(opts);
   return log;
 }
