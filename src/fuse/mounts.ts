@@ -34,13 +34,15 @@ export function findMount(mountpoint: string): MountEntry | undefined {
     .pop();
 }
 
-/** True when stat(2) of the path fails with ENOTCONN: a FUSE mount whose daemon is gone. */
+/** True when stat(2) of the path fails with ENOTCONN (or ECONNABORTED): a FUSE mount whose daemon is gone. */
 export function isStaleFuseMount(mountpoint: string): boolean {
   try {
     fs.statSync(mountpoint);
     return false;
   } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'ENOTCONN';
+    // ENOTCONN once the daemon is gone; ECONNABORTED while the kernel is still aborting the connection.
+    const code = (err as NodeJS.ErrnoException).code;
+    return code === 'ENOTCONN' || code === 'ECONNABORTED';
   }
 }
 
