@@ -5,7 +5,7 @@
  */
 import { hostExtent } from '../io/file';
 import { Qcow2Image } from '../qcow2/image';
-import { RefcountManager } from '../qcow2/refcount';
+import { loadImageRefcounts } from '../qcow2/refcount';
 import { RawImage } from './raw';
 import { qcow2LayerStatus, type LayerStatus } from '../qcow2/block-status';
 import type { ChainLayer } from './open';
@@ -60,18 +60,7 @@ function looksMetadataPreallocated(img: Qcow2Image): Promise<boolean> {
       const cs = img.geometry.clusterSize;
       const real = Math.floor(((await img.file.stat()).blocks * 512) / cs);
       const threshold = Math.max(Math.floor((real * 10) / 9), real + 2);
-      const h = img.header;
-      const rc = await RefcountManager.load({
-        file: img.file,
-        clusterBits: h.clusterBits,
-        refcountOrder: h.refcountOrder,
-        tableOffset: h.refcountTableOffset,
-        tableClusters: h.refcountTableClusters,
-        fileSize: img.fileSize,
-        cacheBytes: 1024 * 1024,
-        regions: [],
-        commitTableLocation: () => Promise.reject(new Error('internal: read-only refcounts')),
-      });
+      const rc = await loadImageRefcounts(img.file, img.header, { fileSize: img.fileSize, cacheBytes: 1024 * 1024 });
       const clusters = Math.ceil(img.fileSize / cs);
       let allocated = 0;
       for (let c = 0; c < clusters; c++) {

@@ -11,7 +11,7 @@
 import { CorruptionError, ImageError } from '../errors';
 import type { HostFile } from '../io/file';
 import { TableCache } from './cache';
-import { rangesOverlap } from './header';
+import { rangesOverlap, type Qcow2Header } from './header';
 import { getRefcount, refcountEntriesPerBlock, refcountMax as maxRefcount, setRefcount } from './refcount-decode';
 
 /** A region of the image file that must never be handed out (for validation of the table). */
@@ -38,6 +38,47 @@ export interface RefcountOptions {
 }
 
 const TWO32 = 4294967296;
+
+/** Writes refcount_table_offset and refcount_table_clusters (header bytes 48..59) durably. */
+export async function writeRefcountTableLocation(file: HostFile, offset: number, clusters: number): Promise<void> {
+  const b = Buffer.alloc(12);
+  b.writeUInt32BE(Math.floor(offset / TWO32), 0);
+  b.writeUInt32BE(offset % TWO32, 4);
+  b.writeUInt32BE(clusters, 8);
+  await file.pwrite(b, 48);
+  await file.flush();
+}
+
+/** The refcount structures of an image, as its header describes them. */
+export function loadImageRefcounts(
+  file: HostFile,
+  header: Qcow2Header,
+  opts: {
+    fileSize: number;
+    cacheBytes: number;
+    regions?: readonly FixedRegion[];
+    /** Called after a grown table's location is durable in the header; absent: the table must not move. */
+    onTableMoved?(offset: number, clusters: number): void;
+    /** Overrides the header's table location (after a caller moved the table). */
+    table?: { offset: number; clusters: number };
+  },
+): Promise<RefcountManager> {
+  return RefcountManager.load({
+    file,
+    clusterBits: header.clusterBits,
+    refcountOrder: header.refcountOrder,
+    tableOffset: opts.table?.offset ?? header.refcountTableOffset,
+    tableClusters: opts.table?.clusters ?? header.refcountTableClusters,
+    fileSize: opts.fileSize,
+    cacheBytes: opts.cacheBytes,
+    regions: opts.regions ?? [],
+    commitTableLocation: async (offset, clusters) => {
+      if (!opts.onTableMoved) throw new Error('internal: the refcount table may not move here');
+      await writeRefcountTableLocation(file, offset, clusters);
+      opts.onTableMoved(offset, clusters);
+    },
+  });
+}
 
 export class RefcountManager {
   readonly clusterSize: number;
@@ -312,6 +353,19 @@ export class RefcountManager {
       }),
     );
     for (const off of offs) if (!this.dirtyBlocks.has(off)) this.blocks.unpin(off);
+  }
+
+  /**
+   * Makes every refcount change durable in the required order: blocks, barrier, then the table
+   * clusters that point at new blocks, barrier. (Also a barrier for data written before it.)
+   */
+  async persist(): Promise<void> {
+    await this.writeDirtyBlocks();
+    if (this.tableDirty) {
+      await this.o.file.flush();
+      await this.writeTable();
+    }
+    await this.o.file.flush();
   }
 
   /** Writes the dirty clusters of the refcount table (call after the blocks are durable). */

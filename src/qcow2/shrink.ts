@@ -15,7 +15,7 @@ import { ImageError, UsageError } from '../errors';
 import { AUTOCLEAR_BITMAPS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY } from './header';
 import type { Qcow2Image } from './image';
 import { compressedDescriptor, entryOffset, OFLAG_COMPRESSED_HI, writeEntry } from './l2';
-import { RefcountManager } from './refcount';
+import { loadImageRefcounts } from './refcount';
 import { getRefcount, refcountEntriesPerBlock, setRefcount } from './refcount-decode';
 
 const TWO32 = 4294967296;
@@ -90,32 +90,12 @@ async function releaseAndTrim(img: Qcow2Image, firstDropped: number): Promise<nu
   const file = img.file;
   const g = img.geometry;
   const cs = g.clusterSize;
-  const rc = await RefcountManager.load({
-    file,
-    clusterBits: h.clusterBits,
-    refcountOrder: h.refcountOrder,
-    tableOffset: h.refcountTableOffset,
-    tableClusters: h.refcountTableClusters,
+  const rc = await loadImageRefcounts(file, h, {
     fileSize: img.fileSize,
     cacheBytes: 4 * 1024 * 1024,
     regions: img.metadataRegions(),
-    commitTableLocation: async (offset, clusters) => {
-      const b = Buffer.alloc(12);
-      b.writeUInt32BE(Math.floor(offset / TWO32), 0);
-      b.writeUInt32BE(offset % TWO32, 4);
-      b.writeUInt32BE(clusters, 8);
-      await file.pwrite(b, 48);
-      await file.flush();
-    },
+    onTableMoved: () => undefined,
   });
-  const persistRefcounts = async (): Promise<void> => {
-    await rc.writeDirtyBlocks();
-    if (rc.tableDirty) {
-      await file.flush();
-      await rc.writeTable();
-    }
-    await file.flush();
-  };
 
   // 2. Release what lies past the new end, one L2 table at a time.
   const perTable = g.l2Entries;
@@ -152,7 +132,7 @@ async function releaseAndTrim(img: Qcow2Image, firstDropped: number): Promise<nu
       } else {
         // Shared with a snapshot: edit a copy, then point the L1 entry at it.
         const copyOffset = await rc.allocate(1);
-        await persistRefcounts();
+        await rc.persist();
         await file.pwrite(kept, copyOffset);
         await file.flush();
         writeEntry(l1Entry, 0, copyOffset, true);
@@ -163,7 +143,7 @@ async function releaseAndTrim(img: Qcow2Image, firstDropped: number): Promise<nu
       }
     }
     for (const r of dropped) await rc.adjust(r.offset, r.bytes, -1);
-    await persistRefcounts();
+    await rc.persist();
   }
 
   // 3. Refcount blocks that now describe only free clusters go too (QEMU: shrinking the
@@ -172,17 +152,7 @@ async function releaseAndTrim(img: Qcow2Image, firstDropped: number): Promise<nu
 
   // 4. Cut the file after the last cluster in use.
   const fileSize = await file.size();
-  const rc2 = await RefcountManager.load({
-    file,
-    clusterBits: h.clusterBits,
-    refcountOrder: h.refcountOrder,
-    tableOffset: rc.tableLocation.offset,
-    tableClusters: rc.tableLocation.clusters,
-    fileSize,
-    cacheBytes: 4 * 1024 * 1024,
-    regions: [],
-    commitTableLocation: () => Promise.reject(new Error('internal: no table move while cutting the file')),
-  });
+  const rc2 = await loadImageRefcounts(file, h, { fileSize, cacheBytes: 4 * 1024 * 1024, table: rc.tableLocation });
   let last = Math.ceil(fileSize / cs) - 1;
   while (last > 0 && (await rc2.get(last)) === 0) last--;
   const end = (last + 1) * cs;

@@ -95,15 +95,6 @@ async function adjustTree(ctx: Ctx, l2Offsets: readonly number[], delta: number)
   }
 }
 
-async function writeRefcountsDurably(ctx: Ctx): Promise<void> {
-  await ctx.rc.writeDirtyBlocks();
-  if (ctx.rc.tableDirty) {
-    await ctx.img.file.flush();
-    await ctx.rc.writeTable();
-  }
-  await ctx.img.file.flush();
-}
-
 /**
  * Sets every COPIED flag of the active layer to (refcount == 1), as the spec requires, writing the
  * L2 tables and the L1 table that change.
@@ -158,7 +149,7 @@ async function replaceSnapshotTable(ctx: Ctx, entries: SnapshotEntry[]): Promise
   if (bytes.length > 0) {
     offset = await rc.allocate(Math.ceil(bytes.length / cs));
     img.noteFileEnd(rc.endBytes);
-    await writeRefcountsDurably(ctx);
+    await ctx.rc.persist();
     await img.file.pwrite(bytes, offset);
     await img.file.flush();
   }
@@ -175,7 +166,7 @@ async function replaceSnapshotTable(ctx: Ctx, entries: SnapshotEntry[]): Promise
   img.snapshots.splice(0, img.snapshots.length, ...entries);
   img.setRegion('snapshot table', offset, Math.ceil(bytes.length / cs) * cs);
   if (oldBytes > 0 && oldOffset !== 0) await rc.adjust(oldOffset, oldBytes, -1);
-  await writeRefcountsDurably(ctx);
+  await ctx.rc.persist();
 }
 
 function nextSnapshotId(entries: readonly SnapshotEntry[]): string {
@@ -207,7 +198,7 @@ export async function createSnapshot(img: Qcow2Image, name: string, now = new Da
   // 2. Everything the active layer references gains a reference.
   await adjustTree(ctx, [...l1.l2Offsets], +1);
   img.noteFileEnd(rc.endBytes);
-  await writeRefcountsDurably(ctx);
+  await ctx.rc.persist();
   // 3. Nothing is owned alone any more: clear COPIED flags before the snapshot becomes visible.
   await fixCopiedFlags(ctx);
   // 4. The snapshot table.
@@ -247,7 +238,7 @@ export async function deleteSnapshot(img: Qcow2Image, idOrName: string): Promise
   // 2. Its references go.
   await adjustTree(ctx, l2s, -1);
   if (sn.l1Size > 0) await ctx.rc.adjust(sn.l1TableOffset, Math.ceil((sn.l1Size * 8) / ctx.cs) * ctx.cs, -1);
-  await writeRefcountsDurably(ctx);
+  await ctx.rc.persist();
   // 3. Clusters now referenced once are owned by the active layer again.
   await fixCopiedFlags(ctx);
   return sn;
@@ -272,7 +263,7 @@ export async function applySnapshot(img: Qcow2Image, idOrName: string): Promise<
     l1Offset = await rc.allocate(Math.max(1, Math.ceil((sn.l1Size * 8) / cs)));
   }
   img.noteFileEnd(rc.endBytes);
-  await writeRefcountsDurably(ctx);
+  await ctx.rc.persist();
   l1.l2Offsets = Float64Array.from(snapL2s);
   l1.copied = new Uint8Array(snapL2s.length);
   l1.tableOffset = l1Offset;
@@ -301,7 +292,7 @@ export async function applySnapshot(img: Qcow2Image, idOrName: string): Promise<
     // The table shrank in place: its tail clusters are no longer part of it.
     await rc.adjust(oldL1Offset + newL1Clusters * cs, (oldL1Clusters - newL1Clusters) * cs, -1);
   }
-  await writeRefcountsDurably(ctx);
+  await ctx.rc.persist();
   await fixCopiedFlags(ctx);
   return sn;
 }

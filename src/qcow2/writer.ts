@@ -22,9 +22,8 @@ import type { Qcow2Image } from './image';
 import { AUTOCLEAR_BITMAPS, COMPAT_LAZY_REFCOUNTS, INCOMPAT_DIRTY } from './header';
 import { compressedDescriptor, entryOffset, OFLAG_COMPRESSED_HI, OFLAG_COPIED_HI, OFLAG_ZERO_LO, writeEntry } from './l2';
 import { AsyncMutex } from './mutex';
-import { RefcountManager } from './refcount';
+import { loadImageRefcounts, type RefcountManager } from './refcount';
 
-const TWO32 = 4294967296;
 /** Longest run handled in one pass, in clusters (bounds fill buffers and lock hold times). */
 const MAX_RUN_CLUSTERS = 1024;
 const MAX_RUN_BYTES = 16 * 1024 * 1024;
@@ -126,22 +125,11 @@ export class Qcow2Writer {
     if (this.refcounts) return this.refcounts;
     const img = this.img;
     const h = img.header;
-    this.refcounts = await RefcountManager.load({
-      file: img.file,
-      clusterBits: h.clusterBits,
-      refcountOrder: h.refcountOrder,
-      tableOffset: h.refcountTableOffset,
-      tableClusters: h.refcountTableClusters,
+    this.refcounts = await loadImageRefcounts(img.file, h, {
       fileSize: img.fileSize,
       cacheBytes: 4 * 1024 * 1024,
       regions: img.metadataRegions(),
-      commitTableLocation: async (offset, clusters) => {
-        const b = Buffer.alloc(12);
-        b.writeUInt32BE(Math.floor(offset / TWO32), 0);
-        b.writeUInt32BE(offset % TWO32, 4);
-        b.writeUInt32BE(clusters, 8);
-        await img.file.pwrite(b, 48);
-        await img.file.flush();
+      onTableMoved: (offset, clusters) => {
         h.refcountTableOffset = offset;
         h.refcountTableClusters = clusters;
         img.setRegion('refcount table', offset, clusters * this.cs);
@@ -523,12 +511,7 @@ export class Qcow2Writer {
     const rc = this.refcounts!;
     try {
       // 1. Refcounts (and the data written so far) before anything that relies on them.
-      await rc.writeDirtyBlocks();
-      if (rc.tableDirty) {
-        await file.flush();
-        await rc.writeTable();
-      }
-      await file.flush();
+      await rc.persist();
       // 2. L2 tables, then the L1 entries that point at new ones.
       const l2 = [...this.dirtyL2];
       this.dirtyL2.clear();
@@ -610,12 +593,7 @@ export class Qcow2Writer {
           const buf = Buffer.alloc(clusters * this.cs);
           for (let i = 0; i < newL1Size; i++) writeEntry(buf, i * 8, offsets[i]!, copied[i] === 1);
           await img.file.pwrite(buf, at);
-          await rc.writeDirtyBlocks();
-          if (rc.tableDirty) {
-            await img.file.flush();
-            await rc.writeTable();
-          }
-          await img.file.flush();
+          await rc.persist();
           img.setRegion('L1 table', at, clusters * this.cs);
           if (oldOffset !== 0 && oldClusters > 0) this.pendingFrees.push({ offset: oldOffset, bytes: oldClusters * this.cs });
         }
