@@ -41,37 +41,37 @@ static napi_value number(napi_env env, int32_t v) {
   return out;
 }
 
-static napi_value set_lock(napi_env env, napi_callback_info info) {
+/* Runs fcntl(cmd) on the range the arguments describe; returns -1 with errno set on failure. */
+static int ofd_fcntl(napi_env env, napi_callback_info info, int cmd, struct flock *fl, int *ok) {
   int32_t fd, type;
   int64_t start, length;
-  if (!read_args(env, info, &fd, &start, &length, &type)) return NULL;
-  struct flock fl;
-  memset(&fl, 0, sizeof fl); /* OFD locks require l_pid == 0 */
-  fl.l_type = lock_type(type);
-  fl.l_whence = SEEK_SET;
-  fl.l_start = start;
-  fl.l_len = length;
+  *ok = read_args(env, info, &fd, &start, &length, &type);
+  if (!*ok) return -1;
+  memset(fl, 0, sizeof *fl); /* OFD locks require l_pid == 0 */
+  fl->l_type = lock_type(type);
+  fl->l_whence = SEEK_SET;
+  fl->l_start = start;
+  fl->l_len = length;
   int rc;
   do {
-    rc = fcntl(fd, F_OFD_SETLK, &fl);
+    rc = fcntl(fd, cmd, fl);
   } while (rc == -1 && errno == EINTR);
+  return rc;
+}
+
+static napi_value set_lock(napi_env env, napi_callback_info info) {
+  struct flock fl;
+  int ok;
+  int rc = ofd_fcntl(env, info, F_OFD_SETLK, &fl, &ok);
+  if (!ok) return NULL;
   return number(env, rc == -1 ? errno : 0);
 }
 
 static napi_value test_lock(napi_env env, napi_callback_info info) {
-  int32_t fd, type;
-  int64_t start, length;
-  if (!read_args(env, info, &fd, &start, &length, &type)) return NULL;
   struct flock fl;
-  memset(&fl, 0, sizeof fl);
-  fl.l_type = lock_type(type);
-  fl.l_whence = SEEK_SET;
-  fl.l_start = start;
-  fl.l_len = length;
-  int rc;
-  do {
-    rc = fcntl(fd, F_OFD_GETLK, &fl);
-  } while (rc == -1 && errno == EINTR);
+  int ok;
+  int rc = ofd_fcntl(env, info, F_OFD_GETLK, &fl, &ok);
+  if (!ok) return NULL;
   if (rc == -1) return number(env, -errno);
   return number(env, fl.l_type == F_UNLCK ? 0 : fl.l_type == F_RDLCK ? 1 : 2);
 }
