@@ -15,6 +15,7 @@ import { COMPAT_LAZY_REFCOUNTS, COMPRESSION_ZSTD, INCOMPAT_CORRUPT, INCOMPAT_DIR
 import { Qcow2Image, readHeader } from '../qcow2/image';
 import { formatSize, runCommand, type GlobalArgs } from './common';
 import { qemuJson, type JsonValue } from './qemu-json';
+import { snapshotListJson } from './snapshot';
 
 interface InfoArgs extends GlobalArgs {
   image: string;
@@ -35,17 +36,9 @@ export function combineBackingName(imageName: string, backingName: string): stri
   return slash < 0 ? backingName : imageName.slice(0, slash + 1) + backingName;
 }
 
+/** The snapshots array, as `snapshot -l --output json` prints it (one implementation for both). */
 export function snapshotJson(img: Qcow2Image): Json[] {
-  return img.snapshots.map((s) => ({
-    icount: s.icount === null ? undefined : Number(s.icount),
-    'vm-clock-nsec': Number(s.vmClockNanoseconds % 1_000_000_000n),
-    name: s.name,
-    'date-sec': s.dateSeconds,
-    'date-nsec': s.dateNanoseconds,
-    'vm-clock-sec': Number(s.vmClockNanoseconds / 1_000_000_000n),
-    id: s.id,
-    'vm-state-size': s.vmStateSize,
-  }));
+  return snapshotListJson(img.snapshots) as Json[];
 }
 
 function bitmapJson(b: BitmapDirectoryEntry): Json {
