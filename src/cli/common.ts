@@ -14,6 +14,20 @@ export interface GlobalArgs {
   'log-file'?: string;
 }
 
+/** The options every command takes (registered globally by main.ts). */
+export interface GlobalSpec {
+  name: keyof GlobalArgs & string;
+  type: 'boolean' | 'string';
+  alias?: string[];
+  describe: string;
+}
+
+export const GLOBAL_OPTIONS: readonly GlobalSpec[] = [
+  { name: 'log-level', type: 'string', describe: 'fatal, error, warn (default), info, debug, trace, silent' },
+  { name: 'log-json', type: 'boolean', describe: 'log JSON lines (pino) instead of text' },
+  { name: 'log-file', type: 'string', describe: 'append logs to this file (daemons log nowhere else)' },
+];
+
 export function setupLogging(argv: GlobalArgs): void {
   const level = (argv['log-level'] ?? 'warn') as LogLevel;
   if (!LOG_LEVELS.includes(level)) throw new UsageError(`--log-level ${level}: expected one of ${LOG_LEVELS.join(', ')}`);

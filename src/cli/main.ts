@@ -5,18 +5,47 @@ process.env.UV_THREADPOOL_SIZE ??= '16';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import yargs, { type Argv } from 'yargs';
-import { EXIT_USAGE, type GlobalArgs } from './common';
-import { registerCheck } from './check';
-import { registerInstallHelper } from './helper';
-import { registerInfo } from './info';
-import { registerMap } from './map';
-import { registerMount } from './mount';
-import { registerSnapshot } from './snapshot';
-import { registerCommit } from './commit';
-import { registerConvert } from './convert';
-import { registerCreate } from './create';
-import { registerResize } from './resize';
-import { registerUmount } from './umount';
+import { EXIT_USAGE, GLOBAL_OPTIONS, type GlobalArgs } from './common';
+import { COMMANDS, type Verb } from './verbs';
+
+type Register = (y: Argv<GlobalArgs>) => Argv<GlobalArgs>;
+
+/*
+ * Each verb's module is loaded only when that verb runs (or for --help): `qcow2fs mount` must not
+ * pay for loading convert's or check's code, since mount-to-ready time is a target.
+ */
+const VERBS: Record<Verb, () => Register> = {
+  mount: () => (require('./mount') as typeof import('./mount')).registerMount,
+  umount: () => (require('./umount') as typeof import('./umount')).registerUmount,
+  info: () => (require('./info') as typeof import('./info')).registerInfo,
+  map: () => (require('./map') as typeof import('./map')).registerMap,
+  check: () => (require('./check') as typeof import('./check')).registerCheck,
+  snapshot: () => (require('./snapshot') as typeof import('./snapshot')).registerSnapshot,
+  'install-helper': () => (require('./helper') as typeof import('./helper')).registerInstallHelper,
+  create: () => (require('./create') as typeof import('./create')).registerCreate,
+  convert: () => (require('./convert') as typeof import('./convert')).registerConvert,
+  resize: () => (require('./resize') as typeof import('./resize')).registerResize,
+  commit: () => (require('./commit') as typeof import('./commit')).registerCommit,
+};
+
+
+/** Global options that take a value: the word after them is not the verb. */
+const VALUE_OPTIONS = new Set(GLOBAL_OPTIONS.filter((o) => o.type === 'string').map((o) => `--${o.name}`));
+
+/** The verb `args` run, when it is plain to see (first word that is not an option or its value). */
+export function verbOf(args: readonly string[]): Verb | undefined {
+  for (let i = 0; i < args.length; i++) {
+    const a = args[i]!;
+    if (a === '--') return undefined;
+    if (VALUE_OPTIONS.has(a)) {
+      i++;
+      continue;
+    }
+    if (a.startsWith('-')) continue;
+    return (COMMANDS as readonly string[]).includes(a) ? (a as Verb) : undefined;
+  }
+  return undefined;
+}
 
 function version(): string {
   try {
@@ -31,9 +60,6 @@ export function buildCli(args: string[]): Argv<GlobalArgs> {
   let y = yargs(args)
     .scriptName('qcow2fs')
     .usage('$0 <command> [options]\n\nMount qcow2 disk images as flat raw files, and inspect them.')
-    .option('log-level', { type: 'string', describe: 'fatal, error, warn (default), info, debug, trace, silent', global: true })
-    .option('log-json', { type: 'boolean', describe: 'log JSON lines (pino) instead of text', global: true })
-    .option('log-file', { type: 'string', describe: 'append logs to this file (daemons log nowhere else)', global: true })
     .version(version())
     .help()
     .alias('h', 'help')
@@ -41,17 +67,10 @@ export function buildCli(args: string[]): Argv<GlobalArgs> {
     .demandCommand(1, 'give a command; see --help')
     .recommendCommands()
     .wrap(Math.min(110, process.stdout.columns || 100)) as unknown as Argv<GlobalArgs>;
-  y = registerMount(y);
-  y = registerUmount(y);
-  y = registerInfo(y);
-  y = registerMap(y);
-  y = registerCheck(y);
-  y = registerSnapshot(y);
-  y = registerInstallHelper(y);
-  y = registerCreate(y);
-  y = registerConvert(y);
-  y = registerResize(y);
-  y = registerCommit(y);
+  for (const o of GLOBAL_OPTIONS) y = y.option(o.name, { type: o.type, describe: o.describe, global: true }) as unknown as Argv<GlobalArgs>;
+  // Only the verb being run, unless there is none to see (help, a typo): then all of them.
+  const verb = verbOf(args);
+  for (const name of verb !== undefined ? [verb] : COMMANDS) y = VERBS[name]!()(y);
   return y.fail((msg, err) => {
     if (err) throw err;
     process.stderr.write(`qcow2fs: ${msg.split('\n')[0]}\nTry "qcow2fs --help".\n`);

@@ -1,23 +1,17 @@
 /**
- * `qcow2fs mount IMAGE MOUNTPOINT`: open the image chain, build the layout, mount it with FUSE.
- * Without --foreground the command re-runs itself as a detached daemon and returns once the
- * mount is ready (or with the daemon's error).
+ * `qcow2fs mount IMAGE MOUNTPOINT`: the arguments, the plan both processes agree on, and the
+ * launcher. Without --foreground the command starts a detached daemon (src/cli/daemon-main.ts)
+ * and returns once the mount is ready (or with the daemon's error). Serving lives in
+ * mount-serve.ts, loaded only by the process that serves, so the launcher stays light.
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import type { Argv } from 'yargs';
 import { UsageError } from '../errors';
-import { launchDaemon, signalReady } from '../fuse/daemon';
-import { Layout, rawFileName, safeFileName, type NodeMeta } from '../fuse/layout';
-import { checkMountpoint, FuseMount } from '../fuse/mount';
-import { realMountpoint } from '../fuse/mounts';
-import { openImage, type OpenedImage } from '../image/open';
-import { parseFormat } from '../image/probe';
-import { openSnapshotViews } from '../image/snapshot-views';
+import { launchDaemon } from '../fuse/daemon';
+import { checkMountpoint, realMountpoint } from '../fuse/mounts';
 import { log } from '../log';
-import type { SnapshotEntry } from '../qcow2/snapshot';
-import { parseSize, runCommand, type GlobalArgs } from './common';
-import { forensicInfo } from './forensic-info';
+import { GLOBAL_OPTIONS, runCommand, type GlobalArgs, type GlobalSpec } from './common';
 
 export interface MountArgs extends GlobalArgs {
   image: string;
@@ -89,94 +83,9 @@ export function planMount(argv: MountArgs): MountPlan {
   };
 }
 
-function metaOf(st: fs.Stats): NodeMeta {
-  return { mtime: st.mtime, atime: st.atime, ctime: st.ctime, uid: st.uid, gid: st.gid };
-}
-
-function snapshotMeta(s: SnapshotEntry, base: NodeMeta): NodeMeta {
-  const date = new Date(s.dateSeconds * 1000 + Math.floor(s.dateNanoseconds / 1e6));
-  return { ...base, mtime: date, atime: date, ctime: date };
-}
-
-/** snapshots/<name>.raw; names made safe, and told apart by id when two snapshots share one. */
-export function snapshotFileNames(snapshots: readonly SnapshotEntry[]): string[] {
-  const safe = snapshots.map((s) => safeFileName(s.name));
-  const count = new Map<string, number>();
-  for (const n of safe) count.set(n, (count.get(n) ?? 0) + 1);
-  return safe.map((n, i) => ((count.get(n) ?? 0) > 1 ? `${n}.id-${safeFileName(snapshots[i]!.id)}.raw` : `${n}.raw`));
-}
-
-export async function buildLayout(plan: MountPlan, opened: OpenedImage): Promise<Layout> {
-  const st = fs.statSync(plan.image);
-  const base = metaOf(st);
-  const layout = new Layout(base);
-  layout.add(rawFileName(plan.image), { kind: 'device', meta: metaOf(st), device: opened.device });
-  if (plan.allSnapshots) {
-    const views = await openSnapshotViews(opened);
-    const names = snapshotFileNames(views.map((v) => v.snapshot));
-    layout.add('snapshots', { kind: 'dir', meta: { ...base }, children: new Map() });
-    views.forEach((v, i) => layout.add(`snapshots/${names[i]}`, { kind: 'device', meta: snapshotMeta(v.snapshot, base), device: v.device }));
-  }
-  if (plan.forensic) {
-    const info = await forensicInfo(plan.image, opened, plan.snapshot !== undefined ? { snapshot: plan.snapshot } : {});
-    layout.add('info.json', { kind: 'file', meta: { ...base }, content: Buffer.from(JSON.stringify(info, null, 4) + '\n') });
-  }
-  return layout;
-}
-
-/** The daemon's (or --foreground's) side: open, mount, report ready, serve until stopped. */
-async function serve(argv: MountArgs): Promise<void> {
-  const readyFd = argv['ready-fd'];
-  let opened: OpenedImage | null = null;
-  let mount: FuseMount;
-  try {
-    const plan = planMount(argv);
-    opened = await openImage(plan.image, {
-      readOnly: plan.readOnly,
-      ...(argv.format ? { format: parseFormat(argv.format, '--format') } : {}),
-      ...(argv['l2-cache-size'] ? { l2CacheBytes: parseSize(argv['l2-cache-size'], '--l2-cache-size') } : {}),
-      ...(plan.snapshot !== undefined ? { snapshot: plan.snapshot } : {}),
-      ...(plan.allowedBackingDirs ? { allowedBackingDirs: plan.allowedBackingDirs } : {}),
-      ...(plan.overlay !== undefined ? { overlay: plan.overlay } : {}),
-      lock: plan.forceShare ? 'share' : 'qemu',
-    });
-    const layout = await buildLayout(plan, opened);
-    mount = await FuseMount.mount(plan.mountpoint, layout, {
-      fsname: plan.image,
-      readOnly: plan.readOnly || opened.device.readOnly,
-      allowOther: argv['allow-other'],
-    });
-  } catch (err) {
-    if (opened) await opened.device.close().catch(() => undefined);
-    if (readyFd !== undefined) {
-      signalReady(readyFd, { error: err instanceof Error ? err.message : String(err) });
-      process.exit(1);
-    }
-    throw err;
-  }
-  signalReady(readyFd, { ok: true });
-  await new Promise<void>((resolve) => {
-    let stopping = false;
-    const stop = (why: string): void => {
-      if (stopping) return;
-      stopping = true;
-      log.info({ why }, 'stopping');
-      mount.stop().then(resolve, (err: unknown) => {
-        log.error(`stop failed: ${(err as Error).message}`);
-        resolve();
-      });
-    };
-    process.on('SIGINT', () => stop('SIGINT'));
-    process.on('SIGTERM', () => stop('SIGTERM'));
-    process.on('SIGHUP', () => undefined);
-    mount.watchExternalUnmount(() => stop('unmounted'));
-  });
-  // fuse-native's thread may still hold the loop; the image is closed, so leave now.
-  process.exit(0);
-}
-
 export function mountCommandHandler(argv: MountArgs): Promise<number | void> {
-  if (argv.foreground || argv['ready-fd'] !== undefined) return serve(argv);
+  // The engine and the FUSE binding load only where the mount is served, not in the launcher.
+  if (argv.foreground || argv['ready-fd'] !== undefined) return (require('./mount-serve') as typeof import('./mount-serve')).serve(argv);
   return daemonize(argv);
 }
 
@@ -185,41 +94,136 @@ async function daemonize(argv: MountArgs): Promise<void> {
   // Stale and busy mountpoints first: stat() of a stale one fails with ENOTCONN, not ENOENT.
   checkMountpoint(plan.mountpoint);
   if (!fs.existsSync(plan.image)) throw new UsageError(`image ${plan.image}: no such file or directory`);
-  // The image path stays in the daemon's command line: ps and findDaemons() name the mount by it.
-  const args = ['mount', plan.image, plan.mountpoint, '--ready-fd', '3', '--daemon-of', plan.mountpoint];
-  if (argv['read-only']) args.push('--read-only');
-  if (plan.snapshot !== undefined) args.push(`--snapshot=${plan.snapshot}`);
-  if (argv['all-snapshots']) args.push('--all-snapshots');
-  if (plan.forensic) args.push('--forensic');
-  for (const d of argv['allow-backing'] ?? []) args.push(`--allow-backing=${path.resolve(d)}`);
-  if (plan.overlay !== undefined) args.push(`--overlay=${plan.overlay}`);
-  if (plan.forceShare) args.push('--force-share');
-  if (argv.format) args.push(`--format=${argv.format}`);
-  if (argv['allow-other']) args.push('--allow-other');
-  if (argv['l2-cache-size']) args.push(`--l2-cache-size=${argv['l2-cache-size']}`);
-  if (argv['log-level']) args.push(`--log-level=${argv['log-level']}`);
-  if (argv['log-json']) args.push('--log-json');
-  if (argv['log-file']) args.push(`--log-file=${path.resolve(argv['log-file'])}`);
-  const script = path.resolve(__dirname, 'main.js');
-  const pid = await launchDaemon(script, args);
+  // Only what the daemon needs, already checked; paths made absolute since the daemon runs in /.
+  const daemonArgs: MountArgs = {
+    image: plan.image,
+    mountpoint: plan.mountpoint,
+    'read-only': !!argv['read-only'],
+    foreground: false,
+    'all-snapshots': !!argv['all-snapshots'],
+    forensic: plan.forensic,
+    'allow-other': !!argv['allow-other'],
+    'force-share': plan.forceShare,
+    'ready-fd': 3,
+    ...(plan.snapshot !== undefined ? { snapshot: plan.snapshot } : {}),
+    ...(argv['allow-backing'] ? { 'allow-backing': argv['allow-backing'].map((d) => path.resolve(d)) } : {}),
+    ...(plan.overlay !== undefined ? { overlay: plan.overlay } : {}),
+    ...(argv.format ? { format: argv.format } : {}),
+    ...(argv['l2-cache-size'] ? { 'l2-cache-size': argv['l2-cache-size'] } : {}),
+    ...(argv['log-level'] ? { 'log-level': argv['log-level'] } : {}),
+    ...(argv['log-json'] ? { 'log-json': true } : {}),
+    ...(argv['log-file'] ? { 'log-file': path.resolve(argv['log-file']) } : {}),
+  };
+  // The image path and --daemon-of stay in the daemon's command line: ps, findDaemons() and lock
+  // messages name the mount by them.
+  const args = [plan.image, plan.mountpoint, '--daemon-of', plan.mountpoint, '--args', JSON.stringify(daemonArgs)];
+  const pid = await launchDaemon(path.resolve(__dirname, 'daemon-main.js'), args);
   log.info({ pid, mountpoint: plan.mountpoint }, 'daemon ready');
 }
 
+/** One mount option: what yargs is told, and what the launcher's fast parser accepts. */
+interface OptionSpec {
+  name: keyof MountArgs & string;
+  type: 'boolean' | 'string' | 'number';
+  alias?: string[];
+  array?: true;
+  hidden?: true;
+  describe?: string;
+}
+
+/** The mount options, defined once for yargs (mountOptions) and for fastMountArgs. */
+const MOUNT_OPTIONS: readonly OptionSpec[] = [
+  { name: 'read-only', alias: ['r', 'ro'], type: 'boolean', describe: 'open the image and every backing file O_RDONLY; writes fail with EROFS' },
+  { name: 'snapshot', alias: ['s'], type: 'string', describe: 'show this internal snapshot (id or name) instead of the active layer, read-only' },
+  { name: 'all-snapshots', type: 'boolean', describe: 'also show every internal snapshot as MOUNTPOINT/snapshots/<name>.raw (read-only; mtime = snapshot date)' },
+  { name: 'forensic', type: 'boolean', describe: "read-only, all snapshots, MOUNTPOINT/info.json; backing files only from the image's directory" },
+  { name: 'allow-backing', type: 'string', array: true, describe: 'forensic: also allow backing files from this directory (repeatable)' },
+  { name: 'overlay', type: 'string', describe: 'send writes to this qcow2 overlay (created if missing); IMAGE is never written' },
+  { name: 'force-share', alias: ['U'], type: 'boolean', describe: 'read-only: mount even while another process (QEMU) writes the image, like qemu-img -U' },
+  { name: 'foreground', alias: ['f'], type: 'boolean', describe: 'stay attached to the terminal (logs to stderr); Ctrl-C unmounts' },
+  { name: 'format', type: 'string', describe: 'format of IMAGE (qcow2 or raw); probed by default' },
+  { name: 'allow-other', type: 'boolean', describe: 'let other users access the mount (needs user_allow_other in /etc/fuse.conf for non-root)' },
+  { name: 'l2-cache-size', type: 'string', describe: 'bytes of L2 tables to cache (default 32M), like QEMU l2-cache-size' },
+  { name: 'ready-fd', type: 'number', hidden: true },
+  { name: 'daemon-of', type: 'string', hidden: true },
+];
+
 export function mountOptions<T>(c: Argv<T>): Argv<T> {
-  return c
-    .option('read-only', { alias: ['r', 'ro'], type: 'boolean', default: false, describe: 'open the image and every backing file O_RDONLY; writes fail with EROFS' })
-    .option('snapshot', { alias: 's', type: 'string', describe: 'show this internal snapshot (id or name) instead of the active layer, read-only' })
-    .option('all-snapshots', { type: 'boolean', default: false, describe: 'also show every internal snapshot as MOUNTPOINT/snapshots/<name>.raw (read-only; mtime = snapshot date)' })
-    .option('forensic', { type: 'boolean', default: false, describe: 'read-only, all snapshots, MOUNTPOINT/info.json; backing files only from the image\'s directory' })
-    .option('allow-backing', { type: 'string', array: true, describe: 'forensic: also allow backing files from this directory (repeatable)' })
-    .option('overlay', { type: 'string', describe: 'send writes to this qcow2 overlay (created if missing); IMAGE is never written' })
-    .option('force-share', { alias: 'U', type: 'boolean', default: false, describe: 'read-only: mount even while another process (QEMU) writes the image, like qemu-img -U' })
-    .option('foreground', { alias: 'f', type: 'boolean', default: false, describe: 'stay attached to the terminal (logs to stderr); Ctrl-C unmounts' })
-    .option('format', { type: 'string', describe: 'format of IMAGE (qcow2 or raw); probed by default' })
-    .option('allow-other', { type: 'boolean', default: false, describe: 'let other users access the mount (needs user_allow_other in /etc/fuse.conf for non-root)' })
-    .option('l2-cache-size', { type: 'string', describe: 'bytes of L2 tables to cache (default 32M), like QEMU l2-cache-size' })
-    .option('ready-fd', { type: 'number', hidden: true })
-    .option('daemon-of', { type: 'string', hidden: true });
+  for (const o of MOUNT_OPTIONS) {
+    c = c.option(o.name, {
+      type: o.type,
+      ...(o.alias ? { alias: o.alias } : {}),
+      ...(o.array ? { array: true } : {}),
+      ...(o.hidden ? { hidden: true } : {}),
+      ...(o.describe ? { describe: o.describe } : {}),
+      ...(o.type === 'boolean' ? { default: false } : {}),
+    });
+  }
+  return c;
+}
+
+/**
+ * `qcow2fs mount` arguments parsed without yargs, so that launching a mount does not pay for
+ * loading it (mount-to-ready time is a target). Only the plain forms are taken: --name, --no-name,
+ * --name=value, --name value, the one-letter aliases alone (-r, -s NAME), the global --log-*
+ * options, and exactly two positionals. Anything else (help, --foreground, repeated or unknown
+ * options, bundled short flags, array options, "--") returns undefined, and the caller parses
+ * with yargs as usual, so the two never disagree on what a command line means.
+ */
+export function fastMountArgs(args: readonly string[]): MountArgs | undefined {
+  const specs = new Map<string, { spec: OptionSpec | GlobalSpec; name: string }>();
+  for (const o of [...MOUNT_OPTIONS, ...GLOBAL_OPTIONS]) {
+    specs.set(o.name, { spec: o, name: o.name });
+    for (const a of o.alias ?? []) specs.set(a, { spec: o, name: o.name });
+  }
+  const out: Record<string, unknown> = {};
+  for (const o of MOUNT_OPTIONS) if (o.type === 'boolean') out[o.name] = false;
+  const seen = new Set<string>();
+  const positional: string[] = [];
+  for (let i = 0; i < args.length; i++) {
+    const a = args[i]!;
+    if (!a.startsWith('-') || a === '-') {
+      positional.push(a);
+      continue;
+    }
+    let key: string;
+    let inline: string | undefined;
+    let negated = false;
+    if (a.startsWith('--')) {
+      const eq = a.indexOf('=');
+      key = eq < 0 ? a.slice(2) : a.slice(2, eq);
+      inline = eq < 0 ? undefined : a.slice(eq + 1);
+      if (key.startsWith('no-') && !specs.has(key)) {
+        key = key.slice(3);
+        negated = true;
+      }
+      if (key.length < 2) return undefined;
+    } else {
+      key = a.slice(1);
+      if (key.length !== 1) return undefined;
+    }
+    const hit = specs.get(key);
+    if (!hit || seen.has(hit.name)) return undefined;
+    const { spec, name } = hit;
+    if (('array' in spec && spec.array) || ('hidden' in spec && spec.hidden) || name === 'foreground') return undefined;
+    seen.add(name);
+    if (spec.type === 'boolean') {
+      if (inline !== undefined) return undefined;
+      out[name] = !negated;
+      continue;
+    }
+    if (negated) return undefined;
+    let value = inline;
+    if (value === undefined) {
+      value = args[++i];
+      if (value === undefined || value.startsWith('-')) return undefined;
+    }
+    out[name] = value;
+  }
+  if (positional.length !== 2) return undefined;
+  out.image = positional[0];
+  out.mountpoint = positional[1];
+  return out as unknown as MountArgs;
 }
 
 export function registerMount(y: Argv<GlobalArgs>): Argv<GlobalArgs> {

@@ -7,10 +7,10 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { execFile } from 'node:child_process';
 import Fuse from 'fuse-native';
-import { describeSystemError, UsageError } from '../errors';
+import { UsageError } from '../errors';
 import { log } from '../log';
 import type { Layout } from './layout';
-import { findMount, isStaleFuseMount } from './mounts';
+import { checkMountpoint, findMount } from './mounts';
 import { makeOps, type OpsState } from './ops';
 
 export const FUSE_SUBTYPE = 'qcow2fs';
@@ -49,31 +49,6 @@ class Qcow2fsFuse extends Fuse {
     const extra = this.extra.join(',');
     return base ? `${base},${extra}` : `-o${extra}`;
   }
-}
-
-export function checkMountpoint(mountpoint: string): void {
-  if (isStaleFuseMount(mountpoint)) {
-    throw new UsageError(
-      `mountpoint ${mountpoint} is a stale FUSE mount (its daemon died; "Transport endpoint is not connected"): clean it with "qcow2fs umount ${mountpoint}" or "fusermount -u ${mountpoint}"`,
-    );
-  }
-  let st: fs.Stats;
-  try {
-    st = fs.statSync(mountpoint);
-  } catch (err) {
-    throw new UsageError(describeSystemError(err, `mountpoint ${mountpoint}`));
-  }
-  if (!st.isDirectory()) throw new UsageError(`mountpoint ${mountpoint}: not a directory`);
-  const existing = findMount(mountpoint);
-  if (existing) throw new UsageError(`mountpoint ${mountpoint} is busy: ${existing.source} (${existing.fstype}) is already mounted there`);
-  // libfuse 2 refuses to hide files ("fuse failed"); say why instead.
-  let entries: string[] = [];
-  try {
-    entries = fs.readdirSync(mountpoint);
-  } catch (err) {
-    throw new UsageError(describeSystemError(err, `mountpoint ${mountpoint}`));
-  }
-  if (entries.length > 0) throw new UsageError(`mountpoint ${mountpoint} is not empty (${entries.length} entries); mount on an empty directory`);
 }
 
 /** This process's descriptors open on /dev/fuse (its FUSE session channels). */

@@ -1,6 +1,7 @@
 /** Reading the kernel's mount table (/proc/self/mountinfo) and finding our daemons in /proc. */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
+import { describeSystemError, UsageError } from '../errors';
 
 export interface MountEntry {
   mountpoint: string;
@@ -87,3 +88,28 @@ export function realMountpoint(p: string): string {
   }
 }
 
+/** Refuses stale, busy, non-directory and non-empty mountpoints with one clear line each. */
+export function checkMountpoint(mountpoint: string): void {
+  if (isStaleFuseMount(mountpoint)) {
+    throw new UsageError(
+      `mountpoint ${mountpoint} is a stale FUSE mount (its daemon died; "Transport endpoint is not connected"): clean it with "qcow2fs umount ${mountpoint}" or "fusermount -u ${mountpoint}"`,
+    );
+  }
+  let st: fs.Stats;
+  try {
+    st = fs.statSync(mountpoint);
+  } catch (err) {
+    throw new UsageError(describeSystemError(err, `mountpoint ${mountpoint}`));
+  }
+  if (!st.isDirectory()) throw new UsageError(`mountpoint ${mountpoint}: not a directory`);
+  const existing = findMount(mountpoint);
+  if (existing) throw new UsageError(`mountpoint ${mountpoint} is busy: ${existing.source} (${existing.fstype}) is already mounted there`);
+  // libfuse 2 refuses to hide files ("fuse failed"); say why instead.
+  let entries: string[] = [];
+  try {
+    entries = fs.readdirSync(mountpoint);
+  } catch (err) {
+    throw new UsageError(describeSystemError(err, `mountpoint ${mountpoint}`));
+  }
+  if (entries.length > 0) throw new UsageError(`mountpoint ${mountpoint} is not empty (${entries.length} entries); mount on an empty directory`);
+}

@@ -10,7 +10,6 @@ import { describeSystemError, ImageError, UnsupportedError, UsageError } from '.
 import { FdFile, type HostFile } from '../io/file';
 import { lockImageFile, lockProfile } from '../io/lock';
 import { log } from '../log';
-import { createQcow2 } from '../qcow2/create-image';
 import { Qcow2Image, readHeader } from '../qcow2/image';
 import { findSnapshot } from '../qcow2/snapshot';
 import type { BlockDevice } from './blockdev';
@@ -122,6 +121,8 @@ async function openOverlay(imagePath: string, overlayPath: string, opts: OpenOpt
     let backingName = path.relative(path.dirname(overlay), realImage);
     if (backingName.startsWith('../../../') || backingName.length > 1000) backingName = realImage;
     log.info({ overlay, backing: backingName, format }, 'creating overlay');
+    // Loaded here, not at start-up: only --overlay creates images (mount time is a target).
+    const { createQcow2 } = require('../qcow2/create-image') as typeof import('../qcow2/create-image');
     await createQcow2(
       overlay,
       {

@@ -114,7 +114,7 @@ export function processesUsing(filePath: string): Array<{ pid: number; command: 
     try {
       // argv[0], not comm: comm is cut at 15 characters ("qemu-storage-da").
       const argv = fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0');
-      const isQcow2fs = argv.some((a) => a.endsWith('/cli/main.js') || a.endsWith('/bin/qcow2fs')) && argv.includes('--daemon-of');
+      const isQcow2fs = argv.some((a) => a.endsWith('/cli/daemon-main.js') || a.endsWith('/cli/main.js') || a.endsWith('/bin/qcow2fs')) && argv.includes('--daemon-of');
       command = isQcow2fs ? 'a qcow2fs mount' : path.basename(argv[0] ?? '') || fs.readFileSync(`/proc/${pid}/comm`, 'utf8').trim();
     } catch {
       // Gone meanwhile.

@@ -10,7 +10,6 @@ import type { HostFile } from '../io/file';
 import { log } from '../log';
 import { TableCache } from './cache';
 import { ClusterMapper, type L1Table, type Mapping, type MetadataRegions } from './cluster';
-import { checkQcow2 } from './check';
 import { DecompressError, decompressCluster } from './codec';
 import { decodeHeader, geometryOf, HEADER_PROBE_BYTES, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, rangesOverlap, type Geometry, type Qcow2Header } from './header';
 import { entryOffset, OFLAG_COPIED_HI } from './l2';
@@ -137,6 +136,8 @@ export class Qcow2Image implements BlockDevice {
       // Lazy refcounts were not written back before the image was last closed: rebuild them
       // before writing (as QEMU does on a read-write open). Read-only opens repair nothing.
       log.info({ image: file.path }, 'the image was not closed cleanly (lazy refcounts): repairing refcounts');
+      // The checker loads only when an image needs repair (mount time is a target).
+      const { checkQcow2 } = require('./check') as typeof import('./check');
       const outcome = await checkQcow2(file, 'all', { message: (line) => log.debug({ image: file.path }, line) });
       if (outcome.failure !== null || outcome.counts.corruptions > 0 || outcome.counts.checkErrors > 0) {
         throw new ImageError(
