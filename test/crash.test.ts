@@ -13,9 +13,9 @@ import { FdFile, type HostFile } from '../src/io/file';
 import { Qcow2Image, readHeader } from '../src/qcow2/image';
 import { isMounted, need, qcow2fs, qemuImg, qemuIo, removeScratch, rng, run, scratchDir } from './support/env';
 
-type Op = { kind: 'write'; offset: number; data: Buffer } | { kind: 'barrier' };
+type Op = { kind: 'write'; offset: number; data: Buffer } | { kind: 'truncate'; size: number } | { kind: 'barrier' };
 
-/** A HostFile that forwards to a real file and records writes and barriers. */
+/** A HostFile that forwards to a real file and records writes, truncates and barriers. */
 class RecordingFile implements HostFile {
   readonly ops: Op[] = [];
   constructor(private readonly inner: HostFile) {}
@@ -36,7 +36,10 @@ class RecordingFile implements HostFile {
     this.ops.push({ kind: 'barrier' });
   }
   size(): Promise<number> { return this.inner.size(); }
-  truncate(n: number): Promise<void> { return this.inner.truncate(n); }
+  async truncate(n: number): Promise<void> {
+    this.ops.push({ kind: 'truncate', size: n });
+    await this.inner.truncate(n);
+  }
   stat(): Promise<fs.Stats> { return this.inner.stat(); }
   close(): Promise<void> { return this.inner.close(); }
 }
@@ -98,6 +101,7 @@ describe('crash-state replay', () => {
       fs.writeSync(fd, original);
       const apply = (op: Op): void => {
         if (op.kind === 'write') fs.writeSync(fd, op.data, 0, op.data.length, op.offset);
+        else if (op.kind === 'truncate') fs.ftruncateSync(fd, op.size);
       };
       for (let i = 0; i < durableEnd; i++) apply(file.ops[i]!);
       for (let i = durableEnd; i < nextBarrier; i++) if (r() < 0.5) apply(file.ops[i]!);

@@ -24,6 +24,10 @@ import { compressedDescriptor, entryOffset, OFLAG_COMPRESSED_HI, OFLAG_COPIED_HI
 import { AsyncMutex } from './mutex';
 import { loadImageRefcounts, type RefcountManager } from './refcount';
 
+/** Largest write the in-place fast path takes (a synchronous page-cache copy, see io/file.ts). */
+const FAST_PATH_MAX_BYTES = 256 * 1024;
+const RESOLVED: Promise<void> = Promise.resolve();
+
 /** Longest run handled in one pass, in clusters (bounds fill buffers and lock hold times). */
 const MAX_RUN_CLUSTERS = 1024;
 const MAX_RUN_BYTES = 16 * 1024 * 1024;
@@ -87,7 +91,19 @@ export class Qcow2Writer {
   private readonly dirtyL2 = new Set<number>();
   private readonly dirtyL1 = new Set<number>();
   private pendingFrees: { offset: number; bytes: number }[] = [];
-  private dataDirty = false;
+  /**
+   * Data writes completed so far, and how many of them the last flush covered. A flush makes
+   * durable what had completed when it started; a write that completes while it runs (the fast
+   * path takes no lock) stays unflushed until the next one.
+   */
+  private writesDone = 0;
+  private writesFlushed = 0;
+  /**
+   * New clusters past the end of the file were written without their zero fill (they read as
+   * zeros already): the file may end before its last allocated cluster, and flushLocked() must
+   * extend it before any entry pointing there becomes durable.
+   */
+  private fileMayBeShort = false;
   private writebackTimer: NodeJS.Timeout | null = null;
   private failed: Error | null = null;
   private readonly cs: number;
@@ -216,8 +232,98 @@ export class Qcow2Writer {
 
   // ---------------------------------------------------------------- write
 
-  async write(buf: Uint8Array, offset: number): Promise<void> {
-    this.check();
+  write(buf: Uint8Array, offset: number): Promise<void> {
+    if (buf.length === 0) return RESOLVED;
+    try {
+      this.check();
+    } catch (err) {
+      return Promise.reject(err);
+    }
+    const fast = this.prepared ? this.tryWriteInPlace(buf, offset) : null;
+    return fast ?? this.writeSlow(buf, offset);
+  }
+
+  /**
+   * The fast path: a write that lies wholly inside clusters this layer already owns (COPIED set,
+   * no zero flag, every touched subcluster allocated), whose L2 table is cached and COPIED too.
+   * Such a write changes no metadata, so it needs no lock, no plan and no commit: the slow path
+   * would classify every cluster as "in place, entry unchanged" and do exactly these pwrites.
+   * It is decided synchronously from the cached table (JS runs one thing at a time, and every
+   * metadata change is made synchronously under the lock, so the table is never half-updated).
+   * A cluster in flight (being allocated or having its entry changed by a slow-path write) is
+   * left to the slow path, which waits for it. Returns null when the write does not qualify.
+   */
+  private tryWriteInPlace(buf: Uint8Array, offset: number): Promise<void> | null {
+    const len = buf.length;
+    if (len > FAST_PATH_MAX_BYTES) return null;
+    const img = this.img;
+    const g = img.geometry;
+    const cs = this.cs;
+    const l1Index = Math.floor(offset / this.bytesPerL2);
+    if ((l1Index + 1) * this.bytesPerL2 < offset + len) return null; // crosses an L2 table
+    const l1 = img.l1;
+    if (l1Index >= l1.l2Offsets.length || l1.copied[l1Index] !== 1) return null;
+    const l2Offset = l1.l2Offsets[l1Index]!;
+    if (l2Offset === 0) return null;
+    const table = img.l2Cache.peek(l2Offset);
+    if (table === undefined) return null;
+    const ext = g.extendedL2;
+    const entryBytes = g.l2EntryBytes;
+    const fileSize = img.fileSize;
+    const firstCluster = Math.floor(offset / cs);
+    const lastCluster = Math.floor((offset + len - 1) / cs);
+    const checkInflight = this.inflight.size > 0;
+    // First pass: every cluster must qualify (nothing is written unless all do).
+    let runHost = -1;
+    let contiguous = true;
+    for (let gc = firstCluster; gc <= lastCluster; gc++) {
+      if (checkInflight && this.inflight.has(gc)) return null;
+      const at = (gc - l1Index * g.l2Entries) * entryBytes;
+      const hi = table.readUInt32BE(at);
+      const lo = table.readUInt32BE(at + 4);
+      if ((hi & OFLAG_COPIED_HI) === 0 || (hi & OFLAG_COMPRESSED_HI) !== 0) return null;
+      const host = entryOffset(hi, lo);
+      if (host === 0 || host % cs !== 0 || host >= fileSize || img.overlappingRegion(host, cs) !== null) return null;
+      if (ext) {
+        const gs = g.subclusterSize;
+        const cStart = gc * cs;
+        const ds = Math.max(offset, cStart) - cStart;
+        const de = Math.min(offset + len, cStart + cs) - cStart;
+        let touched = 0;
+        for (let sc = Math.floor(ds / gs); sc <= Math.floor((de - 1) / gs); sc++) touched |= 1 << sc;
+        touched >>>= 0;
+        const zeroBits = table.readUInt32BE(at + 8);
+        const allocBits = table.readUInt32BE(at + 12);
+        if ((allocBits & touched) >>> 0 !== touched || (zeroBits & touched) !== 0) return null;
+      } else if ((lo & OFLAG_ZERO_LO) !== 0) {
+        return null;
+      }
+      if (runHost >= 0 && host !== runHost + cs) contiguous = false;
+      runHost = host;
+    }
+    // Second pass: the pwrites, one per host-contiguous stretch.
+    const file = img.file;
+    const done = (): void => {
+      this.writesDone++;
+    };
+    if (contiguous) {
+      const at = (firstCluster - l1Index * g.l2Entries) * entryBytes;
+      const host = entryOffset(table.readUInt32BE(at), table.readUInt32BE(at + 4)) + (offset - firstCluster * cs);
+      return file.pwrite(buf, host).then(done);
+    }
+    const writes: Promise<void>[] = [];
+    for (let gc = firstCluster; gc <= lastCluster; gc++) {
+      const at = (gc - l1Index * g.l2Entries) * entryBytes;
+      const cStart = gc * cs;
+      const ds = Math.max(offset, cStart) - cStart;
+      const de = Math.min(offset + len, cStart + cs) - cStart;
+      const host = entryOffset(table.readUInt32BE(at), table.readUInt32BE(at + 4));
+      writes.push(file.pwrite(buf.subarray(cStart + ds - offset, cStart + de - offset), host + ds));
+    }
+    return Promise.all(writes).then(done);
+  }
+
+  private async writeSlow(buf: Uint8Array, offset: number): Promise<void> {
     let pos = 0;
     while (pos < buf.length) {
       const planned = await this.lock.run(async () => {
@@ -232,7 +338,7 @@ export class Qcow2Writer {
       const data = buf.subarray(pos, pos + length);
       try {
         await this.execute(jobs, data, offset + pos);
-        this.dataDirty = true;
+        this.writesDone++;
         if (jobs.some((j) => j.updateEntry)) await this.lock.run(() => this.commit(l1Index, jobs));
       } catch (err) {
         for (const j of jobs) if (j.updateEntry) this.inflight.delete(j.guestCluster);
@@ -287,19 +393,45 @@ export class Qcow2Writer {
       const fresh = jobs.filter((j) => j.isNew);
       if (fresh.length > 0) {
         // Contiguous new clusters, so that adjacent ones go out in one system call.
-        let host = await this.refcounts!.allocate(fresh.length);
+        const rc = this.refcounts!;
+        // Clusters at or past this end were never in use since the image was opened: they lie
+        // past the end the file had then, and nothing writes a cluster it has not allocated,
+        // so they read as zeros (a hole, or past the end of the file).
+        const unusedFrom = rc.endBytes;
+        let host = await rc.allocate(fresh.length);
         for (const j of fresh) {
           j.target = host;
+          if (host >= unusedFrom && this.fillsReadAsZeros(j)) {
+            // Zeros around the data need not be written: write the data alone (for a 4 KiB write
+            // into a 64 KiB cluster, 4 KiB instead of 64). The file is extended to cover the
+            // cluster before anything that points at it becomes durable (flushLocked).
+            j.writeStart = j.dataStart;
+            j.writeEnd = j.dataEnd;
+            j.fills = [];
+            this.fileMayBeShort = true;
+          }
           host += cs;
         }
-        img.noteFileEnd(this.refcounts!.endBytes);
+        img.noteFileEnd(rc.endBytes);
       }
     }
     let release!: () => void;
     const inflightDone = new Promise<void>((r) => (release = r));
     for (const j of jobs) if (j.updateEntry) this.inflight.set(j.guestCluster, inflightDone);
-    this.dataDirty = true;
     return { jobs, length, l1Index, done: release };
+  }
+
+  /** Whether every fill piece of a job is zeros (zero cluster/subcluster, or no backing data there). */
+  private fillsReadAsZeros(j: ClusterJob): boolean {
+    const backing = this.img.backing;
+    const clusterGuest = j.guestCluster * this.cs;
+    for (const p of j.fills) {
+      const k = p.src.kind;
+      if (k === 'zero') continue;
+      if (k === 'backing' && (backing === null || clusterGuest + p.from >= backing.size)) continue;
+      return false;
+    }
+    return true;
   }
 
   /** Decides how one cluster is written; may await a refcount lookup. */
@@ -496,7 +628,7 @@ export class Qcow2Writer {
   // ---------------------------------------------------------------- flush
 
   get hasUnflushed(): boolean {
-    return this.dataDirty || this.dirtyL2.size > 0 || this.dirtyL1.size > 0 || this.pendingFrees.length > 0 || (this.refcounts?.dirty ?? false);
+    return this.writesDone !== this.writesFlushed || this.fileMayBeShort || this.dirtyL2.size > 0 || this.dirtyL1.size > 0 || this.pendingFrees.length > 0 || (this.refcounts?.dirty ?? false);
   }
 
   /** Makes everything written so far durable, metadata in dependency order. */
@@ -509,10 +641,20 @@ export class Qcow2Writer {
     const img = this.img;
     const file = img.file;
     const rc = this.refcounts!;
+    // Writes completed by now are covered by the barrier below; later ones by the next flush.
+    const covered = this.writesDone;
     try {
-      // 1. Refcounts (and the data written so far) before anything that relies on them.
+      // 0. New clusters written without their zero fill may lie past the end of the file: extend
+      //    it first, so the barrier below makes the length durable before any entry points there.
+      if (this.fileMayBeShort) {
+        this.fileMayBeShort = false;
+        if ((await file.size()) < rc.endBytes) await file.truncate(rc.endBytes);
+      }
+      // 1. Refcounts (and the data written so far) before anything that relies on them. persist()
+      //    always ends with a barrier.
       await rc.persist();
-      // 2. L2 tables, then the L1 entries that point at new ones.
+      // 2. L2 tables, then the L1 entries that point at new ones, then a barrier; none when only
+      //    data was written (the barrier of step 1 covered it).
       const l2 = [...this.dirtyL2];
       this.dirtyL2.clear();
       await Promise.all(
@@ -523,11 +665,13 @@ export class Qcow2Writer {
         }),
       );
       for (const off of l2) if (!this.dirtyL2.has(off)) img.l2Cache.unpin(off);
+      let unsynced = l2.length > 0;
       if (this.dirtyL1.size > 0) {
-        await file.flush();
+        if (unsynced) await file.flush();
         await this.writeL1();
+        unsynced = true;
       }
-      await file.flush();
+      if (unsynced) await file.flush();
       // 3. Old clusters are released only now that no durable entry refers to them.
       if (this.pendingFrees.length > 0) {
         const frees = this.pendingFrees;
@@ -538,12 +682,13 @@ export class Qcow2Writer {
         await rc.writeDirtyBlocks();
         await file.flush();
       }
-      this.dataDirty = false;
+      this.writesFlushed = covered;
     } catch (err) {
       this.failed = err as Error;
       throw err;
     }
   }
+
 
   private async writeL1(): Promise<void> {
     const l1 = this.img.l1;
@@ -610,7 +755,7 @@ export class Qcow2Writer {
       h.l1Size = l1.l2Offsets.length;
       h.l1TableOffset = l1.tableOffset;
       img.setSize(newSize);
-      this.dataDirty = true;
+      this.writesDone++; // the header changed: make sure the flush below runs
       await this.flushLocked();
     });
   }
