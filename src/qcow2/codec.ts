@@ -20,6 +20,8 @@ export class DecompressError extends Error {}
 interface CodecAddon {
   /** Resolves with the bytes written to dst, or a negative CODEC_* code (corrupt data). */
   decompress(type: number, src: Uint8Array, dst: Uint8Array): Promise<number>;
+  /** The same, reading the compressed bytes from fd first (on the pool thread; zeros past EOF). */
+  decompressFile(type: number, fd: number, position: number, length: number, dst: Uint8Array): Promise<number>;
 }
 
 /** native/codec/codec.c's result codes. */
@@ -28,6 +30,7 @@ const CODEC_MESSAGES: Record<number, string> = {
   [-2]: 'the data decodes to more than a cluster',
   [-3]: 'truncated frame',
   [-4]: 'out of memory for the decoder',
+  [-5]: 'reading the compressed bytes failed',
 };
 
 let codecAddonCache: CodecAddon | null | undefined;
@@ -54,10 +57,29 @@ export function useNativeCodec(on: boolean): void {
   if (on) codecAddon();
 }
 
+function checkResult(type: number, r: number, clusterSize: number): void {
+  if (r < 0) throw new DecompressError(`${type === COMPRESSION_ZSTD ? 'zstd' : 'zlib'}: ${CODEC_MESSAGES[r] ?? `error ${r}`}`);
+  if (r !== clusterSize) throw new DecompressError(`decompressed ${r} bytes, expected a cluster of ${clusterSize}`);
+}
+
 async function nativeDecompress(addon: CodecAddon, type: number, src: Uint8Array, out: Buffer): Promise<Buffer> {
   const r = await addon.decompress(type, src, out);
-  if (r < 0) throw new DecompressError(`${type === COMPRESSION_ZSTD ? 'zstd' : 'zlib'}: ${CODEC_MESSAGES[r] ?? `error ${r}`}`);
-  return out.subarray(0, r);
+  checkResult(type, r, out.length);
+  return out;
+}
+
+/**
+ * Reads `bytes` compressed bytes at `position` of descriptor fd and decompresses them into
+ * `into` (exactly clusterSize bytes), all on the thread pool. Returns false, having done
+ * nothing, where the native addon is not available (the caller reads and calls
+ * decompressCluster). A failed read or corrupt data is a DecompressError.
+ */
+export async function decompressClusterFromFile(type: number, fd: number, position: number, bytes: number, clusterSize: number, into: Buffer): Promise<boolean> {
+  const addon = codecAddon();
+  if (!addon || (type !== COMPRESSION_ZLIB && type !== COMPRESSION_ZSTD) || bytes > 8 * 1024 * 1024) return false;
+  if (into.length < clusterSize) throw new RangeError('decompressClusterFromFile: output buffer smaller than a cluster');
+  checkResult(type, await addon.decompressFile(type, fd, position, bytes, into.subarray(0, clusterSize)), clusterSize);
+  return true;
 }
 
 // ---- fallbacks ---------------------------------------------------------------------------------

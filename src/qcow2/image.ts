@@ -6,12 +6,12 @@
 import type { BlockDevice, Extent } from '../image/blockdev';
 import { checkRange } from '../image/blockdev';
 import { CorruptionError, ImageError, ReadOnlyError } from '../errors';
-import type { HostFile } from '../io/file';
+import { FdFile, type HostFile } from '../io/file';
 import { log } from '../log';
 import { TableCache } from './cache';
 import { ClusterMapper, type L1Table, type Mapping, type MetadataRegions } from './cluster';
 import { checkQcow2 } from './check';
-import { DecompressError, decompressCluster } from './codec';
+import { DecompressError, decompressCluster, decompressClusterFromFile } from './codec';
 import { CompressedClusterCache } from './compressed-cache';
 import { decodeHeader, geometryOf, HEADER_PROBE_BYTES, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, rangesOverlap, type Geometry, type Qcow2Header } from './header';
 import { entryOffset, OFLAG_COPIED_HI } from './l2';
@@ -223,10 +223,14 @@ export class Qcow2Image implements BlockDevice {
   }
 
   private async loadCompressed(hostOffset: number, bytes: number, into: Buffer): Promise<void> {
-    const src = Buffer.allocUnsafe(bytes);
-    await this.file.pread(src, hostOffset);
+    const type = this.header.compressionType;
+    const cs = this.geometry.clusterSize;
     try {
-      await decompressCluster(this.header.compressionType, src, this.geometry.clusterSize, into);
+      // The native codec reads and decodes on a pool thread; otherwise read here, then decode.
+      if (this.file instanceof FdFile && (await decompressClusterFromFile(type, this.file.fd, hostOffset, bytes, cs, into))) return;
+      const src = Buffer.allocUnsafe(bytes);
+      await this.file.pread(src, hostOffset);
+      await decompressCluster(type, src, cs, into);
     } catch (err) {
       if (err instanceof DecompressError) {
         throw new CorruptionError(`${this.file.path}: compressed cluster at 0x${hostOffset.toString(16)}: ${err.message}`);
