@@ -7,7 +7,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { codecAddon, compressCluster, DecompressError, decompressCluster, useNativeCodec } from '../../src/qcow2/codec';
+import { codecAddon, compressCluster, DecompressError, decompressCluster, decompressClusterFromFile, useNativeCodec } from '../../src/qcow2/codec';
 import { COMPRESSION_ZLIB, COMPRESSION_ZSTD } from '../../src/qcow2/header';
 import { compressedDescriptor } from '../../src/qcow2/l2';
 import { need, qemuImg, removeScratch, rng, scratchDir, seededBytes } from '../support/env';
@@ -33,17 +33,18 @@ function source(size: number, seed: number): Buffer {
   return buf;
 }
 
-/** Compressed clusters of a qemu-made image: [guest offset, the descriptor's bytes]. */
-function qemuClusters(codec: string, clusterSize: number, src: Buffer): Array<[number, Buffer]> {
+/** Compressed clusters of a qemu-made image: [guest offset, the descriptor's bytes, host offset]. */
+function qemuClusters(codec: string, clusterSize: number, src: Buffer, keep?: { image?: string }): Array<[number, Buffer, number]> {
   const dir = scratchDir('ncodec');
   fs.writeFileSync(path.join(dir, 'src.raw'), src);
   const img = path.join(dir, 'c.qcow2');
   qemuImg('convert', '-c', '-f', 'raw', '-O', 'qcow2', '-o', `cluster_size=${clusterSize},compression_type=${codec}`, path.join(dir, 'src.raw'), img);
+  if (keep) keep.image = img;
   const file = fs.readFileSync(img);
   const clusterBits = file.readUInt32BE(20);
   const l1Size = file.readUInt32BE(36);
   const l1Offset = Number(file.readBigUInt64BE(40));
-  const out: Array<[number, Buffer]> = [];
+  const out: Array<[number, Buffer, number]> = [];
   for (let i = 0; i < l1Size; i++) {
     const l2 = Number(file.readBigUInt64BE(l1Offset + 8 * i) & 0x00ffffff_fffffe00n);
     if (l2 === 0) continue;
@@ -52,7 +53,7 @@ function qemuClusters(codec: string, clusterSize: number, src: Buffer): Array<[n
       const lo = file.readUInt32BE(l2 + 8 * j + 4);
       if (!(hi & 0x40000000)) continue;
       const d = compressedDescriptor(hi, lo, clusterBits);
-      out.push([(i * (clusterSize / 8) + j) * clusterSize, Buffer.from(file.subarray(d.hostOffset, d.hostOffset + d.compressedBytes))]);
+      out.push([(i * (clusterSize / 8) + j) * clusterSize, Buffer.from(file.subarray(d.hostOffset, d.hostOffset + d.compressedBytes)), d.hostOffset]);
     }
   }
   return out;
@@ -151,10 +152,38 @@ describe.skipIf(!hasAddon)('native codec addon', () => {
     }
   });
 
+  for (const [codec, type] of codecs) {
+    it(`${codec}: decompressFile reads the cluster's bytes itself (zeros past the end of the file)`, async () => {
+      const clusterSize = 65536;
+      const src = source(16 * clusterSize, 31 + type);
+      const keep: { image?: string } = {};
+      const clusters = qemuClusters(codec, clusterSize, src, keep);
+      const fd = fs.openSync(keep.image!, 'r');
+      try {
+        const into = Buffer.alloc(clusterSize);
+        for (const [guest, bytes, host] of clusters) {
+          expect(await decompressClusterFromFile(type, fd, host, bytes.length, clusterSize, into)).toBe(true);
+          expect(into.equals(src.subarray(guest, guest + clusterSize)), `cluster at ${guest}`).toBe(true);
+        }
+        const end = fs.fstatSync(fd).size;
+        await expect(decompressClusterFromFile(type, fd, end - 100, 4096, clusterSize, into)).rejects.toThrow(DecompressError);
+        await expect(decompressClusterFromFile(type, fd, end + 65536, 4096, clusterSize, into)).rejects.toThrow(DecompressError);
+      } finally {
+        fs.closeSync(fd);
+      }
+    });
+  }
+
   it('refuses bad arguments with a TypeError, not a crash', () => {
     const addon = codecAddon()!;
     expect(() => addon.decompress(5, Buffer.alloc(1), Buffer.alloc(1))).toThrow(TypeError);
     expect(() => addon.decompress(0, 'x' as unknown as Uint8Array, Buffer.alloc(1))).toThrow(TypeError);
     expect(() => (addon.decompress as unknown as (a: number) => unknown)(0)).toThrow(TypeError);
+    expect(() => addon.decompressFile(0, -1, 0, 10, Buffer.alloc(1))).toThrow(TypeError);
+    expect(() => addon.decompressFile(1, 0, 0, 64 * 1024 * 1024, Buffer.alloc(1))).toThrow(TypeError);
+  });
+
+  it('a read error (a descriptor that is not open) is a DecompressError', async () => {
+    await expect(decompressClusterFromFile(COMPRESSION_ZSTD, 987654, 0, 100, 512, Buffer.alloc(512))).rejects.toThrow(DecompressError);
   });
 });
