@@ -40,7 +40,7 @@ enum {
 enum {
   CODEC_CORRUPT = -1,   /* the decoder rejected the data */
   CODEC_OVERFLOW = -2,  /* the data decodes to more than dst holds */
-  CODEC_TRUNCATED = -3, /* the input ends inside a zstd frame */
+  CODEC_BAD_FRAME = -3, /* no complete zstd frame at this point (bad magic, truncated) */
   CODEC_NOMEM = -4,     /* the decoder's context could not be allocated */
   CODEC_IO = -5,        /* reading the compressed bytes failed */
 };
@@ -57,6 +57,7 @@ static __thread size_t read_cap;
 
 /* Reads length bytes at position into this thread's buffer; zeros past the end of the file. */
 static int read_compressed(int fd, int64_t position, size_t length, const uint8_t **out) {
+  if (length == 0) return CODEC_CORRUPT;
   if (length > read_cap) {
     uint8_t *p = realloc(read_buf, length);
     if (!p) return CODEC_NOMEM;
@@ -79,7 +80,7 @@ static int read_compressed(int fd, int64_t position, size_t length, const uint8_
 /*
  * zlib (the header's name for raw deflate): one stream, decoded whole with libdeflate (twice
  * as fast as zlib's inflate here). Bytes after the stream's final block are ignored; a stream
- * that needs input past src's end is corrupt (libdeflate never decodes made-up bytes).
+ * that needs input past src's end is corrupt (libdeflate rejects it, as zlib does).
  */
 static int64_t deflate_cluster(const uint8_t *src, size_t src_len, uint8_t *dst, size_t dst_len) {
   if (!deflate_ctx) deflate_ctx = libdeflate_alloc_decompressor();
@@ -99,7 +100,7 @@ static int64_t zstd_cluster(const uint8_t *src, size_t src_len, uint8_t *dst, si
   while (out < dst_len) {
     /* The frame's exact length (walks the block headers); an error when src ends inside it. */
     size_t frame = ZSTD_findFrameCompressedSize(src + in, src_len - in);
-    if (ZSTD_isError(frame)) return CODEC_TRUNCATED;
+    if (ZSTD_isError(frame)) return CODEC_BAD_FRAME;
     /* Decodes that one frame; fails (never writes past) when it holds more than the space left. */
     size_t r = ZSTD_decompressDCtx(zstd_ctx, dst + out, dst_len - out, src + in, frame);
     if (ZSTD_isError(r)) {

@@ -28,7 +28,7 @@ interface CodecAddon {
 const CODEC_MESSAGES: Record<number, string> = {
   [-1]: 'corrupt data',
   [-2]: 'the data decodes to more than a cluster',
-  [-3]: 'truncated frame',
+  [-3]: 'no complete frame (bad magic number or truncated)',
   [-4]: 'out of memory for the decoder',
   [-5]: 'reading the compressed bytes failed',
 };
