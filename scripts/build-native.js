@@ -1,20 +1,34 @@
 #!/usr/bin/env node
 'use strict';
 /*
- * Builds native/qcow2fs_lock.node (fcntl OFD locks, native/ofd_lock.c) and qcow2fs_io.node
- * (preadv2 RWF_NOWAIT, native/pread_nowait.c) with node-gyp, which
- * npm bundles. Runs from `npm run build` and from `npm ci` (the root package's own install script
- * runs even where npm skips dependencies' scripts). Skips the build when the addon is newer than
- * its sources. Headers come from npm's nodedir setting, else from the running Node's own
+ * Builds the native addons with node-gyp, which npm bundles:
+ *   native/            qcow2fs_lock.node (fcntl OFD locks, ofd_lock.c) and qcow2fs_io.node
+ *                      (preadv2 RWF_NOWAIT, SEEK_DATA/SEEK_HOLE, pread_nowait.c)
+ *   native/codec/      qcow2fs_codec.node (zstd and zlib decompression on the thread pool,
+ *                      codec.c; links libzstd and libdeflate: needs libzstd-dev and libdeflate-dev)
+ * Runs from `npm run build` and from `npm ci` (the root package's own install script runs even
+ * where npm skips dependencies' scripts). Skips a project whose addons are newer than its
+ * sources. Headers come from npm's nodedir setting, else from the running Node's own
  * <prefix>/include/node, so no download is needed.
+ *
+ * The codec addon is optional: without it compressed clusters decode through Node's zlib and
+ * the WebAssembly zstd (slower, same result), so a failed build of it only warns.
  */
 const fs = require('fs');
 const path = require('path');
 const { spawnSync } = require('child_process');
 
-const dir = path.resolve(__dirname, '..', 'native');
-const outs = ['qcow2fs_lock.node', 'qcow2fs_io.node'].map((f) => path.join(dir, 'build', 'Release', f));
-const sources = ['ofd_lock.c', 'pread_nowait.c', 'binding.gyp'].map((f) => path.join(dir, f));
+const native = path.resolve(__dirname, '..', 'native');
+const projects = [
+  { dir: native, outs: ['qcow2fs_lock.node', 'qcow2fs_io.node'], sources: ['ofd_lock.c', 'pread_nowait.c', 'binding.gyp'], required: true },
+  {
+    dir: path.join(native, 'codec'),
+    outs: ['qcow2fs_codec.node'],
+    sources: ['codec.c', 'binding.gyp'],
+    required: false,
+    why: 'compressed clusters will decode through Node zlib and WebAssembly zstd (slower); install libzstd-dev and libdeflate-dev (scripts/setup-system.sh)',
+  },
+];
 
 function mtime(p) {
   try {
@@ -23,8 +37,6 @@ function mtime(p) {
     return -1;
   }
 }
-
-if (process.argv.includes('--if-needed') && Math.min(...outs.map(mtime)) > Math.max(...sources.map(mtime))) process.exit(0);
 
 function findNodeGyp() {
   const candidates = [
@@ -35,18 +47,29 @@ function findNodeGyp() {
   return null;
 }
 
-const gyp = findNodeGyp();
-if (!gyp) {
-  process.stderr.write('build-native: node-gyp not found (it ships with npm); image locking will be unavailable\n');
-  process.exit(1);
+let failed = false;
+for (const p of projects) {
+  const outs = p.outs.map((f) => path.join(p.dir, 'build', 'Release', f));
+  const sources = p.sources.map((f) => path.join(p.dir, f));
+  if (process.argv.includes('--if-needed') && Math.min(...outs.map(mtime)) > Math.max(...sources.map(mtime))) continue;
+  const gyp = findNodeGyp();
+  if (!gyp) {
+    process.stderr.write('build-native: node-gyp not found (it ships with npm); image locking will be unavailable\n');
+    process.exit(1);
+  }
+  const args = [gyp, 'rebuild', '--directory', p.dir, '--loglevel', 'warn'];
+  const prefix = path.resolve(path.dirname(process.execPath), '..');
+  if (!process.env.npm_config_nodedir && fs.existsSync(path.join(prefix, 'include', 'node', 'node_api.h'))) {
+    args.push(`--nodedir=${prefix}`);
+  }
+  const r = spawnSync(process.execPath, args, { stdio: ['ignore', 'ignore', 'inherit'] });
+  if (r.status !== 0 || !outs.every((o) => fs.existsSync(o))) {
+    if (p.required) {
+      process.stderr.write('build-native: building the native addons failed (needs g++, make, python3)\n');
+      failed = true;
+    } else {
+      process.stderr.write(`build-native: building ${p.outs.join(', ')} failed: ${p.why}\n`);
+    }
+  }
 }
-const args = [gyp, 'rebuild', '--directory', dir, '--loglevel', 'warn'];
-const prefix = path.resolve(path.dirname(process.execPath), '..');
-if (!process.env.npm_config_nodedir && fs.existsSync(path.join(prefix, 'include', 'node', 'node_api.h'))) {
-  args.push(`--nodedir=${prefix}`);
-}
-const r = spawnSync(process.execPath, args, { stdio: ['ignore', 'ignore', 'inherit'] });
-if (r.status !== 0 || !outs.every((o) => fs.existsSync(o))) {
-  process.stderr.write('build-native: building the native addons failed (needs g++, make, python3)\n');
-  process.exit(1);
-}
+process.exit(failed ? 1 : 0);

@@ -18,6 +18,8 @@ declare -A NEED=(
   [kmod]=/usr/bin/kmod
   [g++]=/usr/bin/g++                      # the image-locking addon (native/, built by node-gyp)
   [make]=/usr/bin/make
+  [libzstd-dev]=/usr/include/zstd.h       # the codec addon (native/codec/): zstd clusters off the JS thread
+  [libdeflate-dev]=/usr/include/libdeflate.h   # the codec addon: zlib (raw deflate) clusters
   [procps]=/usr/bin/pgrep                 # tests find daemons with pgrep -f
 )
 

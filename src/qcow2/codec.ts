@@ -1,15 +1,88 @@
 /**
  * Compressed-cluster codecs (qcow2 spec: "Compressed Clusters", header compression_type).
- * zlib: raw deflate with a 4 KiB window (windowBits -12), decoded on libuv's thread pool so
- * several clusters inflate in parallel. zstd: one or more zstd frames, decoded with the zstd
- * library compiled to WebAssembly (@bokuweb/zstd-wasm: installs from the npm registry alone,
- * nothing to compile, and Node 20 has no zstd of its own).
+ * zlib: raw deflate (QEMU writes a 4 KiB window). zstd: one or more zstd frames.
+ *
+ * Decompression goes to the native addon (native/codec/codec.c: libdeflate and libzstd on
+ * libuv's thread pool, so clusters decode in parallel off the JS thread, straight into the
+ * caller's buffer). Where the addon was not built (or QCOW2FS_NO_NATIVE_CODEC is set): Node's
+ * zlib on the thread pool, and the zstd library compiled to WebAssembly (@bokuweb/zstd-wasm:
+ * installs from the npm registry alone; Node 20 has no zstd) on the JS thread. Both paths
+ * accept and reject the same data: the output must be exactly one cluster.
  */
 import * as path from 'node:path';
 import * as zlib from 'node:zlib';
 import { COMPRESSION_ZLIB, COMPRESSION_ZSTD } from './header';
 
 export class DecompressError extends Error {}
+
+// ---- the native addon ------------------------------------------------------------------------
+
+interface CodecAddon {
+  /** Resolves with the bytes written to dst, or a negative CODEC_* code (corrupt data). */
+  decompress(type: number, src: Uint8Array, dst: Uint8Array): Promise<number>;
+  /** The same, reading the compressed bytes from fd first (on the pool thread; zeros past EOF). */
+  decompressFile(type: number, fd: number, position: number, length: number, dst: Uint8Array): Promise<number>;
+}
+
+/** native/codec/codec.c's result codes. */
+const CODEC_MESSAGES: Record<number, string> = {
+  [-1]: 'corrupt data',
+  [-2]: 'the data decodes to more than a cluster',
+  [-3]: 'no complete frame (bad magic number or truncated)',
+  [-4]: 'out of memory for the decoder',
+  [-5]: 'reading the compressed bytes failed',
+};
+
+let codecAddonCache: CodecAddon | null | undefined;
+
+/** The native codec addon, or null where it was not built or QCOW2FS_NO_NATIVE_CODEC is set. */
+export function codecAddon(): CodecAddon | null {
+  if (codecAddonCache === undefined) {
+    codecAddonCache = null;
+    if (process.env.QCOW2FS_NO_NATIVE_CODEC === undefined) {
+      try {
+        // eslint-disable-next-line @typescript-eslint/no-require-imports
+        codecAddonCache = require(path.resolve(__dirname, '..', '..', 'native', 'codec', 'build', 'Release', 'qcow2fs_codec.node')) as CodecAddon;
+      } catch {
+        codecAddonCache = null; // the fallbacks below: slower, same result
+      }
+    }
+  }
+  return codecAddonCache;
+}
+
+/** @internal tests: force the fallback decoders (false) or the addon again (true). */
+export function useNativeCodec(on: boolean): void {
+  codecAddonCache = on ? undefined : null;
+  if (on) codecAddon();
+}
+
+function checkResult(type: number, r: number, clusterSize: number): void {
+  if (r < 0) throw new DecompressError(`${type === COMPRESSION_ZSTD ? 'zstd' : 'zlib'}: ${CODEC_MESSAGES[r] ?? `error ${r}`}`);
+  if (r !== clusterSize) throw new DecompressError(`decompressed ${r} bytes, expected a cluster of ${clusterSize}`);
+}
+
+async function nativeDecompress(addon: CodecAddon, type: number, src: Uint8Array, out: Buffer): Promise<Buffer> {
+  const r = await addon.decompress(type, src, out);
+  checkResult(type, r, out.length);
+  return out;
+}
+
+/**
+ * Reads `bytes` compressed bytes at `position` of descriptor fd and decompresses them into
+ * `into` (exactly clusterSize bytes), all on the thread pool. Returns false, having done
+ * nothing, where the native addon is not available (the caller reads and calls
+ * decompressCluster). A failed read or corrupt data is a DecompressError.
+ */
+export async function decompressClusterFromFile(type: number, fd: number, position: number, bytes: number, clusterSize: number, into: Buffer): Promise<boolean> {
+  const addon = codecAddon();
+  if (!addon || (type !== COMPRESSION_ZLIB && type !== COMPRESSION_ZSTD) || bytes > 8 * 1024 * 1024) return false;
+  if (into.length < clusterSize) throw new RangeError('decompressClusterFromFile: output buffer smaller than a cluster');
+  checkResult(type, await addon.decompressFile(type, fd, position, bytes, into.subarray(0, clusterSize)), clusterSize);
+  return true;
+}
+
+// ---- fallbacks ---------------------------------------------------------------------------------
 
 function inflateRaw(src: Uint8Array, clusterSize: number): Promise<Buffer> {
   return new Promise((resolve, reject) => {
@@ -114,7 +187,7 @@ function zstdBuffers(m: ZstdModule, srcLen: number, dstLen: number): void {
   }
 }
 
-async function zstdDecompress(src: Uint8Array, clusterSize: number): Promise<Buffer> {
+async function zstdDecompress(src: Uint8Array, clusterSize: number, into?: Buffer): Promise<Buffer> {
   const m = await loadZstd();
   zstdBuffers(m, src.length, clusterSize);
   m.HEAPU8.set(src, zstdSrc);
@@ -129,7 +202,7 @@ async function zstdDecompress(src: Uint8Array, clusterSize: number): Promise<Buf
     outOff += r;
     inOff += frameLen;
   }
-  const out = Buffer.allocUnsafe(outOff);
+  const out = into && outOff <= into.length ? into.subarray(0, outOff) : Buffer.allocUnsafe(outOff);
   out.set(m.HEAPU8.subarray(zstdDst, zstdDst + outOff));
   return out;
 }
@@ -144,13 +217,24 @@ async function zstdCompress(src: Uint8Array): Promise<Buffer> {
   return Buffer.from(m.HEAPU8.subarray(zstdDst, zstdDst + r));
 }
 
-/** Decompresses one cluster; the result is exactly clusterSize bytes or a DecompressError. */
-export async function decompressCluster(type: number, src: Uint8Array, clusterSize: number): Promise<Buffer> {
+/**
+ * Decompresses one cluster; the result is exactly clusterSize bytes or a DecompressError.
+ * `into` (at least clusterSize bytes) is where the cluster goes when given: the result is then
+ * its first clusterSize bytes (the fallback zlib path still allocates, and copies).
+ */
+export async function decompressCluster(type: number, src: Uint8Array, clusterSize: number, into?: Buffer): Promise<Buffer> {
+  if (into !== undefined && into.length < clusterSize) throw new RangeError('decompressCluster: output buffer smaller than a cluster');
+  if (type !== COMPRESSION_ZLIB && type !== COMPRESSION_ZSTD) throw new DecompressError(`compression type ${type} is not supported`);
+  const addon = codecAddon();
   let out: Buffer;
-  if (type === COMPRESSION_ZLIB) out = await inflateRaw(src, clusterSize);
-  else if (type === COMPRESSION_ZSTD) out = await zstdDecompress(src, clusterSize);
-  else throw new DecompressError(`compression type ${type} is not supported`);
+  if (addon) out = await nativeDecompress(addon, type, src, into ? into.subarray(0, clusterSize) : Buffer.allocUnsafe(clusterSize));
+  else if (type === COMPRESSION_ZLIB) out = await inflateRaw(src, clusterSize);
+  else out = await zstdDecompress(src, clusterSize, into);
   if (out.length !== clusterSize) throw new DecompressError(`decompressed ${out.length} bytes, expected a cluster of ${clusterSize}`);
+  if (into !== undefined && (out.buffer !== into.buffer || out.byteOffset !== into.byteOffset)) {
+    into.set(out);
+    return into.subarray(0, clusterSize);
+  }
   return out;
 }
 

@@ -6,11 +6,12 @@
 import type { BlockDevice, Extent } from '../image/blockdev';
 import { checkRange } from '../image/blockdev';
 import { CorruptionError, ImageError, ReadOnlyError } from '../errors';
-import type { HostFile } from '../io/file';
+import { FdFile, type HostFile } from '../io/file';
 import { log } from '../log';
 import { TableCache } from './cache';
 import { ClusterMapper, type L1Table, type Mapping, type MetadataRegions } from './cluster';
-import { DecompressError, decompressCluster } from './codec';
+import { DecompressError, decompressCluster, decompressClusterFromFile } from './codec';
+import { CompressedClusterCache } from './compressed-cache';
 import { decodeHeader, geometryOf, HEADER_PROBE_BYTES, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, rangesOverlap, type Geometry, type Qcow2Header } from './header';
 import { entryOffset, OFLAG_COPIED_HI } from './l2';
 import { decodeSnapshotTable, type SnapshotEntry } from './snapshot';
@@ -27,7 +28,12 @@ export interface Qcow2OpenOptions {
 }
 
 export const DEFAULT_L2_CACHE_BYTES = 32 * 1024 * 1024;
-const DECOMPRESSED_CACHE_BYTES = 16 * 1024 * 1024;
+/** Decompressed clusters kept (at least the read-ahead window twice over, plus two clusters). */
+const DECOMPRESSED_CACHE_BYTES = 4 * 1024 * 1024;
+/** Sequential reads of compressed clusters decompress this far ahead (at least one cluster)... */
+const READAHEAD_BYTES = 1024 * 1024;
+/** ...with at most this many clusters decoding at once (besides the request's own). */
+const READAHEAD_JOBS = 4;
 
 interface Region {
   offset: number;
@@ -44,7 +50,7 @@ export class Qcow2Image implements BlockDevice {
   private readonly mapper: ClusterMapper;
   /** L2 tables by host offset; the writer pins the dirty ones. */
   readonly l2Cache: TableCache;
-  private readonly decompressed: TableCache;
+  private readonly decompressed: CompressedClusterCache;
   private fileSizeBytes: number;
   private readonly regions: Region[];
   private closed = false;
@@ -70,12 +76,23 @@ export class Qcow2Image implements BlockDevice {
     this.description = file.path + (opts.snapshot ? ` (snapshot ${opts.snapshot.name})` : '');
     const clusterSize = this.geometry.clusterSize;
     this.l2Cache = new TableCache(Math.max(opts.l2CacheBytes ?? DEFAULT_L2_CACHE_BYTES, 4 * clusterSize), (off) => this.loadTable(off));
-    this.decompressed = new TableCache(Math.max(DECOMPRESSED_CACHE_BYTES, 4 * clusterSize), () => Promise.reject(new Error('internal: no loader')));
     const metadata: MetadataRegions = {
       fileSize: () => this.fileSizeBytes,
       overlaps: (offset, length) => this.overlappingRegion(offset, length),
     };
     this.mapper = new ClusterMapper(this.geometry, this.l2Cache, metadata, file.path);
+    const window = Math.max(READAHEAD_BYTES, clusterSize);
+    this.decompressed = new CompressedClusterCache(
+      {
+        clusterSize,
+        capacityBytes: Math.max(DECOMPRESSED_CACHE_BYTES, 2 * window + 2 * clusterSize),
+        windowBytes: window,
+        jobs: READAHEAD_JOBS,
+        diskSize: () => this.sizeBytes,
+      },
+      (off, bytes, into) => this.loadCompressed(off, bytes, into),
+      (guestOffset, maxLength) => this.mapper.lookup(this.l1, guestOffset, maxLength),
+    );
     this.writer = this.readOnly ? null : new Qcow2Writer(this);
   }
 
@@ -117,7 +134,7 @@ export class Qcow2Image implements BlockDevice {
   /** @internal a cluster whose refcount dropped to zero: drop cached copies of it. */
   forgetCluster(hostOffset: number): void {
     this.l2Cache.delete(hostOffset);
-    this.decompressed.delete(hostOffset);
+    this.decompressed.forget(hostOffset);
   }
 
   /** The L2 table of l1Index in the layer served (through the cache), or null. */
@@ -125,9 +142,9 @@ export class Qcow2Image implements BlockDevice {
     return this.mapper.l2Table(this.l1, l1Index);
   }
 
-  /** One whole decompressed cluster (cached). */
-  async decompressedCluster(hostOffset: number, compressedBytes: number): Promise<Buffer> {
-    return this.decompressed.peek(hostOffset) ?? (await this.decompressed.get(hostOffset, (off) => this.loadCompressed(off, compressedBytes)));
+  /** One whole decompressed cluster (a copy: the cache reuses its own buffers). */
+  decompressedCluster(hostOffset: number, compressedBytes: number): Promise<Buffer> {
+    return this.decompressed.cluster(hostOffset, compressedBytes);
   }
 
   static async open(file: HostFile, opts: Qcow2OpenOptions, known?: { header: Qcow2Header; fileSize: number }): Promise<Qcow2Image> {
@@ -206,23 +223,21 @@ export class Qcow2Image implements BlockDevice {
     return buf;
   }
 
-  private async loadCompressed(hostOffset: number, bytes: number): Promise<Buffer> {
-    const src = Buffer.allocUnsafe(bytes);
-    await this.file.pread(src, hostOffset);
+  private async loadCompressed(hostOffset: number, bytes: number, into: Buffer): Promise<void> {
+    const type = this.header.compressionType;
+    const cs = this.geometry.clusterSize;
     try {
-      return await decompressCluster(this.header.compressionType, src, this.geometry.clusterSize);
+      // The native codec reads and decodes on a pool thread; otherwise read here, then decode.
+      if (this.file instanceof FdFile && (await decompressClusterFromFile(type, this.file.fd, hostOffset, bytes, cs, into))) return;
+      const src = Buffer.allocUnsafe(bytes);
+      await this.file.pread(src, hostOffset);
+      await decompressCluster(type, src, cs, into);
     } catch (err) {
       if (err instanceof DecompressError) {
         throw new CorruptionError(`${this.file.path}: compressed cluster at 0x${hostOffset.toString(16)}: ${err.message}`);
       }
       throw err;
     }
-  }
-
-  private async readCompressed(dst: Uint8Array, m: Extract<Mapping, { kind: 'compressed' }>): Promise<void> {
-    const cluster =
-      this.decompressed.peek(m.hostOffset) ?? (await this.decompressed.get(m.hostOffset, (off) => this.loadCompressed(off, m.compressedBytes)));
-    dst.set(cluster.subarray(m.offsetInCluster, m.offsetInCluster + dst.length));
   }
 
   async readBacking(dst: Uint8Array, guestOffset: number): Promise<void> {
@@ -240,6 +255,7 @@ export class Qcow2Image implements BlockDevice {
     checkRange(this, offset, buf.length);
     const pending: Promise<void>[] = [];
     let pos = 0;
+    let compressed = false;
     try {
       while (pos < buf.length) {
         const m = await this.mapper.lookup(this.l1, offset + pos, buf.length - pos);
@@ -252,7 +268,8 @@ export class Qcow2Image implements BlockDevice {
             dst.fill(0);
             break;
           case 'compressed':
-            pending.push(this.readCompressed(dst, m));
+            pending.push(this.decompressed.read(dst, m.hostOffset, m.compressedBytes, m.offsetInCluster));
+            compressed = true;
             break;
           case 'unallocated':
             pending.push(this.readBacking(dst, offset + pos));
@@ -260,6 +277,7 @@ export class Qcow2Image implements BlockDevice {
         }
         pos += m.length;
       }
+      if (compressed) this.decompressed.noteRead(offset, offset + buf.length);
       if (pending.length === 1) await pending[0];
       else if (pending.length > 1) await Promise.all(pending);
     } catch (err) {
@@ -331,10 +349,10 @@ export class Qcow2Image implements BlockDevice {
     if (this.closed) return;
     this.closed = true;
     try {
+      await this.decompressed.close();
       if (this.writer) await this.writer.close();
     } finally {
       this.l2Cache.clear();
-    this.decompressed.clear();
       await this.file.close();
       if (this.backing) await this.backing.close();
     }

@@ -1,0 +1,253 @@
+/*
+ * qcow2fs_codec: decompresses one qcow2 compressed cluster on libuv's thread pool, with the
+ * system's libzstd and libdeflate. The JS thread only queues the job and is told the result, so
+ * several clusters decode at once on other cores while it serves FUSE requests.
+ *
+ *   decompress(type, src, dst) -> Promise<number>
+ *   decompressFile(type, fd, position, length, dst) -> Promise<number>
+ *
+ * type: the header's compression_type: 0 = zlib (raw deflate), 1 = zstd (one or more frames). src: the compressed bytes (may
+ * run past the end of the stream: a descriptor rounds its length up to 512-byte sectors). dst:
+ * where the cluster goes; its length is the most that may be written (the cluster size). The
+ * promise resolves with the number of bytes written (>= 0), or a negative code for corrupt
+ * data (see codec.ts: CODEC_* below); it rejects only on a bad call. Nothing is ever written
+ * past dst's end, whatever src holds.
+ *
+ * decompressFile first reads the `length` compressed bytes at `position` of file descriptor fd
+ * (pread, on the same pool thread, into a buffer of that thread; bytes past the end of the file
+ * read as zeros): no JS allocation and no JS-thread copy per cluster. A failed read resolves
+ * with CODEC_IO. The descriptor must stay open until the promise settles.
+ *
+ * The arrays must stay untouched until the promise settles; we hold references to them, so
+ * they are not collected meanwhile.
+ */
+#include <errno.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <node_api.h>
+#include <libdeflate.h>
+#include <zstd.h>
+#include <zstd_errors.h>
+
+enum {
+  TYPE_ZLIB = 0,
+  TYPE_ZSTD = 1,
+};
+
+/* Result codes (negative: the data is corrupt). Keep in step with src/qcow2/native-codec.ts. */
+enum {
+  CODEC_CORRUPT = -1,   /* the decoder rejected the data */
+  CODEC_OVERFLOW = -2,  /* the data decodes to more than dst holds */
+  CODEC_BAD_FRAME = -3, /* no complete zstd frame at this point (bad magic, truncated) */
+  CODEC_NOMEM = -4,     /* the decoder's context could not be allocated */
+  CODEC_IO = -5,        /* reading the compressed bytes failed */
+};
+
+/*
+ * One decoder context per pool thread, made on first use and kept (pool threads live as long
+ * as the process): no allocation per cluster. __thread keeps jobs on different threads apart.
+ */
+static __thread ZSTD_DCtx *zstd_ctx;
+static __thread struct libdeflate_decompressor *deflate_ctx;
+/* Compressed bytes read by decompressFile (grown to the largest cluster seen). */
+static __thread uint8_t *read_buf;
+static __thread size_t read_cap;
+
+/* Reads length bytes at position into this thread's buffer; zeros past the end of the file. */
+static int read_compressed(int fd, int64_t position, size_t length, const uint8_t **out) {
+  if (length == 0) return CODEC_CORRUPT;
+  if (length > read_cap) {
+    uint8_t *p = realloc(read_buf, length);
+    if (!p) return CODEC_NOMEM;
+    read_buf = p;
+    read_cap = length;
+  }
+  size_t got = 0;
+  while (got < length) {
+    ssize_t n = pread(fd, read_buf + got, length - got, (off_t)(position + (int64_t)got));
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return CODEC_IO;
+    if (n == 0) break;
+    got += (size_t)n;
+  }
+  memset(read_buf + got, 0, length - got);
+  *out = read_buf;
+  return 0;
+}
+
+/*
+ * zlib (the header's name for raw deflate): one stream, decoded whole with libdeflate (twice
+ * as fast as zlib's inflate here). Bytes after the stream's final block are ignored; a stream
+ * that needs input past src's end is corrupt (libdeflate rejects it, as zlib does).
+ */
+static int64_t deflate_cluster(const uint8_t *src, size_t src_len, uint8_t *dst, size_t dst_len) {
+  if (!deflate_ctx) deflate_ctx = libdeflate_alloc_decompressor();
+  if (!deflate_ctx) return CODEC_NOMEM;
+  size_t in_used = 0, out = 0;
+  enum libdeflate_result r = libdeflate_deflate_decompress_ex(deflate_ctx, src, src_len, dst, dst_len, &in_used, &out);
+  if (r == LIBDEFLATE_SUCCESS) return (int64_t)out;
+  if (r == LIBDEFLATE_INSUFFICIENT_SPACE) return CODEC_OVERFLOW;
+  return CODEC_CORRUPT;
+}
+
+/* zstd: frames one after another until dst is full or a frame decodes to nothing. */
+static int64_t zstd_cluster(const uint8_t *src, size_t src_len, uint8_t *dst, size_t dst_len) {
+  if (!zstd_ctx) zstd_ctx = ZSTD_createDCtx();
+  if (!zstd_ctx) return CODEC_NOMEM;
+  size_t in = 0, out = 0;
+  while (out < dst_len) {
+    /* The frame's exact length (walks the block headers); an error when src ends inside it. */
+    size_t frame = ZSTD_findFrameCompressedSize(src + in, src_len - in);
+    if (ZSTD_isError(frame)) return CODEC_BAD_FRAME;
+    /* Decodes that one frame; fails (never writes past) when it holds more than the space left. */
+    size_t r = ZSTD_decompressDCtx(zstd_ctx, dst + out, dst_len - out, src + in, frame);
+    if (ZSTD_isError(r)) {
+      return ZSTD_getErrorCode(r) == ZSTD_error_dstSize_tooSmall ? CODEC_OVERFLOW : CODEC_CORRUPT;
+    }
+    if (r == 0) break;
+    out += r;
+    in += frame;
+  }
+  return (int64_t)out;
+}
+
+typedef struct {
+  napi_async_work work;
+  napi_deferred deferred;
+  napi_ref src_ref;
+  napi_ref dst_ref;
+  int32_t type;
+  int32_t fd; /* >= 0: read src_len bytes at position first */
+  int64_t position;
+  const uint8_t *src;
+  size_t src_len;
+  uint8_t *dst;
+  size_t dst_len;
+  int64_t result;
+} Job;
+
+static void execute(napi_env env, void *data) {
+  (void)env;
+  Job *job = data;
+  if (job->fd >= 0) {
+    int r = read_compressed(job->fd, job->position, job->src_len, &job->src);
+    if (r < 0) {
+      job->result = r;
+      return;
+    }
+  }
+  job->result = job->type == TYPE_ZSTD ? zstd_cluster(job->src, job->src_len, job->dst, job->dst_len)
+                                       : deflate_cluster(job->src, job->src_len, job->dst, job->dst_len);
+}
+
+static void complete(napi_env env, napi_status status, void *data) {
+  Job *job = data;
+  napi_value value;
+  if (status == napi_ok) {
+    napi_create_int64(env, job->result, &value);
+    napi_resolve_deferred(env, job->deferred, value);
+  } else {
+    napi_value msg;
+    napi_create_string_utf8(env, "qcow2fs_codec: the job was cancelled", NAPI_AUTO_LENGTH, &msg);
+    napi_create_error(env, NULL, msg, &value);
+    napi_reject_deferred(env, job->deferred, value);
+  }
+  if (job->src_ref) napi_delete_reference(env, job->src_ref);
+  napi_delete_reference(env, job->dst_ref);
+  napi_delete_async_work(env, job->work);
+  free(job);
+}
+
+static int uint8_array(napi_env env, napi_value v, void **data, size_t *len) {
+  napi_typedarray_type type;
+  napi_value ab;
+  size_t byte_offset;
+  return napi_get_typedarray_info(env, v, &type, len, data, &ab, &byte_offset) == napi_ok && type == napi_uint8_array;
+}
+
+/* Queues the job; src_value is the compressed bytes' array (NULL for decompressFile). */
+static napi_value queue(napi_env env, Job *job, napi_value src_value, napi_value dst_value) {
+  napi_value promise, name;
+  napi_create_string_utf8(env, "qcow2fs_codec", NAPI_AUTO_LENGTH, &name);
+  if ((src_value && napi_create_reference(env, src_value, 1, &job->src_ref) != napi_ok) ||
+      napi_create_reference(env, dst_value, 1, &job->dst_ref) != napi_ok ||
+      napi_create_promise(env, &job->deferred, &promise) != napi_ok ||
+      napi_create_async_work(env, NULL, name, execute, complete, job, &job->work) != napi_ok ||
+      napi_queue_async_work(env, job->work) != napi_ok) {
+    /* Not reached in practice (only on V8 allocation failure); the job leaks rather than risk
+     * freeing something still referenced. */
+    napi_throw_error(env, NULL, "qcow2fs_codec: cannot queue the job");
+    return NULL;
+  }
+  return promise;
+}
+
+static Job *new_job(napi_env env, int32_t type) {
+  Job *job = calloc(1, sizeof *job);
+  if (!job) napi_throw_error(env, NULL, "qcow2fs_codec: out of memory");
+  else job->type = type;
+  return job;
+}
+
+static napi_value decompress(napi_env env, napi_callback_info info) {
+  size_t argc = 3;
+  napi_value argv[3];
+  int32_t type;
+  void *src, *dst;
+  size_t src_len, dst_len;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc != 3 ||
+      napi_get_value_int32(env, argv[0], &type) != napi_ok || (type != TYPE_ZLIB && type != TYPE_ZSTD) ||
+      !uint8_array(env, argv[1], &src, &src_len) || !uint8_array(env, argv[2], &dst, &dst_len)) {
+    napi_throw_type_error(env, NULL, "expected (type 0|1, Uint8Array src, Uint8Array dst)");
+    return NULL;
+  }
+  Job *job = new_job(env, type);
+  if (!job) return NULL;
+  job->fd = -1;
+  job->src = src;
+  job->src_len = src_len;
+  job->dst = dst;
+  job->dst_len = dst_len;
+  return queue(env, job, argv[1], argv[2]);
+}
+
+/* The most compressed bytes one cluster may take (a descriptor's limit for 2 MiB clusters). */
+#define MAX_COMPRESSED (8u << 20)
+
+static napi_value decompress_file(napi_env env, napi_callback_info info) {
+  size_t argc = 5;
+  napi_value argv[5];
+  int32_t type, fd;
+  int64_t position, length;
+  void *dst;
+  size_t dst_len;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc != 5 ||
+      napi_get_value_int32(env, argv[0], &type) != napi_ok || (type != TYPE_ZLIB && type != TYPE_ZSTD) ||
+      napi_get_value_int32(env, argv[1], &fd) != napi_ok || fd < 0 || napi_get_value_int64(env, argv[2], &position) != napi_ok ||
+      position < 0 || napi_get_value_int64(env, argv[3], &length) != napi_ok || length < 0 || length > MAX_COMPRESSED ||
+      !uint8_array(env, argv[4], &dst, &dst_len)) {
+    napi_throw_type_error(env, NULL, "expected (type 0|1, fd, position, length <= 8 MiB, Uint8Array dst)");
+    return NULL;
+  }
+  Job *job = new_job(env, type);
+  if (!job) return NULL;
+  job->fd = fd;
+  job->position = position;
+  job->src_len = (size_t)length;
+  job->dst = dst;
+  job->dst_len = dst_len;
+  return queue(env, job, NULL, argv[4]);
+}
+
+static napi_value init(napi_env env, napi_value exports) {
+  napi_property_descriptor props[] = {
+    {"decompress", NULL, decompress, NULL, NULL, NULL, napi_default, NULL},
+    {"decompressFile", NULL, decompress_file, NULL, NULL, NULL, napi_default, NULL},
+  };
+  napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
+  return exports;
+}
+
+NAPI_MODULE(NODE_GYP_MODULE_NAME, init)
