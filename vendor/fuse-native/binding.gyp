@@ -11,25 +11,10 @@
     "sources": [
       "fuse-native.c"
     ],
-    'xcode_settings': {
-      'OTHER_CFLAGS': [
-        '-g',
-        '-O3',
-        '-Wall'
-      ]
-    },
     'cflags': [
       '-g',
       '-O3',
       '-Wall'
     ],
-  }, {
-    "target_name": "postinstall",
-    "type": "none",
-    "dependencies": ["fuse"],
-    "copies": [{
-      "destination": "build/Release",
-      "files": [ "<!(node -e \"require('fuse-shared-library/lib')\")" ],
-    }]
   }]
 }

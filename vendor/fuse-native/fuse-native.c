@@ -17,8 +17,14 @@
 #include <unistd.h>
 #include <sys/wait.h>
 #include <pthread.h>
+#include <errno.h>
+#include <stdint.h>
+#include <sys/uio.h>
+#include <fuse_kernel.h>
 
 static int IS_ARRAY_BUFFER_DETACH_SUPPORTED = 0;
+// qcow2fs: lets the JS side tell this build from the stock prebuilt binary.
+static const uint32_t qcow2fs_patched = 1;
 
 napi_status napi_detach_arraybuffer(napi_env env, napi_value buf);
 
@@ -134,6 +140,13 @@ typedef struct {
   uv_async_t async;
   uv_mutex_t mut;
   uv_sem_t sem;
+
+  // qcow2fs: what to add to libfuse's answer to the kernel's INIT (see qcow2fs_chan_send).
+  uint32_t want_async_dio;
+  uint32_t max_pages;
+  uint64_t init_unique;
+  uint32_t kernel_flags;
+  uint32_t init_flags_sent;
 } fuse_thread_t;
 
 typedef struct {
@@ -183,6 +196,41 @@ typedef struct {
 
 static pthread_key_t thread_locals_key;
 static fuse_thread_locals_t* get_thread_locals();
+
+/*
+ * qcow2fs: thread locals of exited libfuse threads, for reuse. libfuse 2.9's multithreaded loop
+ * starts a thread whenever none is idle and ends threads when more than 10 are idle, so under a
+ * queue depth above 10 threads come and go all the time. Each new thread used to allocate a new
+ * fuse_thread_locals_t (a JS Buffer plus a uv_async_t registered with the loop, through a round
+ * trip to the JS thread) that was never freed: memory grew and every loop wake-up scanned more
+ * async handles. A thread that ends puts its locals here (pthread key destructor); the next new
+ * thread takes them. Locals are only ever used by one thread at a time: a thread ends between
+ * requests, after its last reply was signalled.
+ */
+static uv_mutex_t free_locals_mut;
+static fuse_thread_locals_t *free_locals[256];
+static size_t free_locals_count = 0;
+
+static void release_thread_locals (void *data) {
+  fuse_thread_locals_t *l = (fuse_thread_locals_t *) data;
+  uv_mutex_lock(&free_locals_mut);
+  if (free_locals_count < sizeof(free_locals) / sizeof(free_locals[0])) free_locals[free_locals_count++] = l;
+  uv_mutex_unlock(&free_locals_mut);
+}
+
+static fuse_thread_locals_t *reuse_thread_locals (fuse_thread_t *ft) {
+  fuse_thread_locals_t *l = NULL;
+  uv_mutex_lock(&free_locals_mut);
+  for (size_t i = free_locals_count; i-- > 0;) {
+    if (free_locals[i]->fuse == ft) {
+      l = free_locals[i];
+      free_locals[i] = free_locals[--free_locals_count];
+      break;
+    }
+  }
+  uv_mutex_unlock(&free_locals_mut);
+  return l;
+}
 
 // Helpers
 // TODO: Extract into a separate file.
@@ -763,6 +811,12 @@ static fuse_thread_locals_t* get_thread_locals () {
     return (fuse_thread_locals_t *) data;
   }
 
+  fuse_thread_locals_t *reused = reuse_thread_locals(ft);
+  if (reused != NULL) {
+    pthread_setspecific(thread_locals_key, (void *) reused);
+    return reused;
+  }
+
   // Need to lock the mutation of l->async.
   uv_mutex_lock(&(ft->mut));
   ft->async.data = ft;
@@ -790,8 +844,137 @@ static void* start_fuse_thread (void *data) {
   return NULL;
 }
 
+
+/*
+ * qcow2fs: a /dev/fuse channel that amends libfuse's answer to the kernel's INIT.
+ *
+ * libfuse 2.9 speaks FUSE protocol 7.19 and answers INIT with only the capabilities it knows.
+ * Two that the kernel offers matter for reads and writes with O_DIRECT:
+ *  - FUSE_ASYNC_DIO (7.22): without it the kernel handles an O_DIRECT request synchronously,
+ *    one FUSE request at a time per caller, even under io_submit with a queue depth of 16; a
+ *    large O_DIRECT request is also sent as one 128 KiB piece after the other.
+ *  - FUSE_MAX_PAGES (7.28): without it a request carries at most 32 pages (128 KiB).
+ * Both only change how the kernel queues and sizes requests; the requests themselves are the
+ * READ/WRITE messages libfuse 2.9 already handles (concurrently, with its multithreaded loop).
+ * The kernel accepts an INIT answer of any length up to its own struct, so adding max_pages
+ * (which lies after the 7.19 fields) is sent as a longer answer.
+ *
+ * The channel does what libfuse's own kernel channel does (read and writev on the /dev/fuse
+ * descriptor, same error handling), notes the INIT request, and edits the answer to it.
+ */
+#define QCOW2FS_FUSE_ASYNC_DIO (1u << 15)
+#define QCOW2FS_FUSE_MAX_PAGES (1u << 22)
+
+// The kernel's struct fuse_init_out up to max_pages (protocol 7.28); the 7.19 part is libfuse's.
+struct qcow2fs_init_out {
+  uint32_t major;
+  uint32_t minor;
+  uint32_t max_readahead;
+  uint32_t flags;
+  uint16_t max_background;
+  uint16_t congestion_threshold;
+  uint32_t max_write;
+  uint32_t time_gran;
+  uint16_t max_pages;
+  uint16_t map_alignment;
+};
+
+static int qcow2fs_chan_receive (struct fuse_chan **chp, char *buf, size_t size) {
+  struct fuse_chan *ch = *chp;
+  struct fuse_session *se = fuse_chan_session(ch);
+  fuse_thread_t *ft = (fuse_thread_t *) fuse_chan_data(ch);
+  ssize_t res;
+  int err;
+
+restart:
+  res = read(fuse_chan_fd(ch), buf, size);
+  err = errno;
+  if (fuse_session_exited(se)) return 0;
+  if (res == -1) {
+    // ENOENT: the request was interrupted, it is safe to read the next one.
+    if (err == ENOENT) goto restart;
+    if (err == ENODEV) {
+      // Unmounted.
+      fuse_session_exit(se);
+      return 0;
+    }
+    if (err != EINTR && err != EAGAIN) perror("fuse: reading device");
+    return -err;
+  }
+  if ((size_t) res < sizeof(struct fuse_in_header)) {
+    fprintf(stderr, "short read on fuse device\n");
+    return -EIO;
+  }
+  struct fuse_in_header *in = (struct fuse_in_header *) buf;
+  if (in->opcode == FUSE_INIT && (size_t) res >= sizeof(*in) + sizeof(struct fuse_init_in)) {
+    struct fuse_init_in *arg = (struct fuse_init_in *) (buf + sizeof(*in));
+    ft->init_unique = in->unique;
+    ft->kernel_flags = arg->major == 7 && arg->minor >= 6 ? arg->flags : 0;
+  }
+  return res;
+}
+
+static int qcow2fs_chan_send (struct fuse_chan *ch, const struct iovec iov[], size_t count) {
+  if (iov == NULL) return 0;
+  fuse_thread_t *ft = (fuse_thread_t *) fuse_chan_data(ch);
+  struct fuse_out_header hdr;
+  struct qcow2fs_init_out init;
+  struct iovec patched[2];
+
+  if (ft->init_unique != 0 && count == 2 && iov[0].iov_len == sizeof(hdr) &&
+      ((struct fuse_out_header *) iov[0].iov_base)->unique == ft->init_unique &&
+      ((struct fuse_out_header *) iov[0].iov_base)->error == 0 && iov[1].iov_len <= sizeof(init) &&
+      iov[1].iov_len >= offsetof(struct qcow2fs_init_out, time_gran)) {
+    ft->init_unique = 0;
+    memcpy(&hdr, iov[0].iov_base, sizeof(hdr));
+    memset(&init, 0, sizeof(init));
+    memcpy(&init, iov[1].iov_base, iov[1].iov_len);
+    size_t len = iov[1].iov_len;
+    if (ft->want_async_dio && (ft->kernel_flags & QCOW2FS_FUSE_ASYNC_DIO)) init.flags |= QCOW2FS_FUSE_ASYNC_DIO;
+    if (ft->max_pages > 32 && (ft->kernel_flags & QCOW2FS_FUSE_MAX_PAGES)) {
+      init.flags |= QCOW2FS_FUSE_MAX_PAGES;
+      init.max_pages = (uint16_t) ft->max_pages;
+      len = sizeof(init);
+    }
+    ft->init_flags_sent = init.flags;
+    hdr.len = sizeof(hdr) + len;
+    patched[0].iov_base = &hdr;
+    patched[0].iov_len = sizeof(hdr);
+    patched[1].iov_base = &init;
+    patched[1].iov_len = len;
+    iov = patched;
+  }
+
+  ssize_t res = writev(fuse_chan_fd(ch), iov, count);
+  int err = errno;
+  if (res == -1) {
+    // ENOENT: the request was interrupted and the answer dropped.
+    if (!fuse_session_exited(fuse_chan_session(ch)) && err != ENOENT) perror("fuse: writing device");
+    return -err;
+  }
+  return 0;
+}
+
+static void qcow2fs_chan_destroy (struct fuse_chan *ch) {
+  int fd = fuse_chan_fd(ch);
+  if (fd != -1) close(fd);
+}
+
+static struct fuse_chan_ops qcow2fs_chan_ops = {
+  .receive = qcow2fs_chan_receive,
+  .send = qcow2fs_chan_send,
+  .destroy = qcow2fs_chan_destroy,
+};
+
+// INIT flags sent to the kernel (after the qcow2fs amendments), 0 before INIT was answered.
+NAPI_METHOD(fuse_native_init_flags) {
+  NAPI_ARGV(1)
+  NAPI_ARGV_BUFFER_CAST(fuse_thread_t *, ft, 0);
+  NAPI_RETURN_UINT32(ft->init_flags_sent)
+}
+
 NAPI_METHOD(fuse_native_mount) {
-  NAPI_ARGV(7)
+  NAPI_ARGV(8)
 
   NAPI_ARGV_UTF8(mnt, 1024, 0);
   NAPI_ARGV_UTF8(mntopts, 1024, 1);
@@ -853,8 +1036,30 @@ NAPI_METHOD(fuse_native_mount) {
   };
 
   struct fuse_args args = FUSE_ARGS_INIT(_argc, _argv);
-  struct fuse_chan *ch = fuse_mount(mnt, &args);
+  struct fuse_chan *kch = fuse_mount(mnt, &args);
 
+  if (kch == NULL) {
+    napi_throw_error(env, "fuse failed", "fuse failed");
+    return NULL;
+  }
+
+  // qcow2fs: argv[7] is [asyncDio (0/1), maxPages (0: libfuse's 32)].
+  {
+    uint32_t *init_opts = NULL;
+    size_t init_opts_len = 0;
+    bool is_buffer = false;
+    napi_is_buffer(env, argv[7], &is_buffer);
+    if (is_buffer) napi_get_buffer_info(env, argv[7], (void **) &init_opts, &init_opts_len);
+    ft->want_async_dio = init_opts_len >= 8 ? init_opts[0] : 0;
+    ft->max_pages = init_opts_len >= 8 ? init_opts[1] : 0;
+    if (ft->max_pages > 256) ft->max_pages = 256;
+    ft->init_unique = 0;
+    ft->kernel_flags = 0;
+    ft->init_flags_sent = 0;
+  }
+  // The same /dev/fuse descriptor behind qcow2fs's channel (above). libfuse's own channel object
+  // from fuse_mount is left unused (not destroyed: that would close the descriptor).
+  struct fuse_chan *ch = fuse_chan_new(&qcow2fs_chan_ops, fuse_chan_fd(kch), fuse_chan_bufsize(kch), ft);
   if (ch == NULL) {
     napi_throw_error(env, "fuse failed", "fuse failed");
     return NULL;
@@ -909,11 +1114,14 @@ NAPI_INIT() {
     IS_ARRAY_BUFFER_DETACH_SUPPORTED = 1;
   }
 
-  pthread_key_create(&(thread_locals_key), NULL); // TODO: add destructor
+  pthread_key_create(&(thread_locals_key), release_thread_locals);
+  uv_mutex_init(&free_locals_mut);
 
   NAPI_EXPORT_SIZEOF(fuse_thread_t)
 
   NAPI_EXPORT_FUNCTION(fuse_native_mount)
+  NAPI_EXPORT_FUNCTION(fuse_native_init_flags)
+  NAPI_EXPORT_UINT32(qcow2fs_patched)
   NAPI_EXPORT_FUNCTION(fuse_native_unmount)
 
   NAPI_EXPORT_FUNCTION(fuse_native_signal_getattr)

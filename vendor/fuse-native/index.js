@@ -6,7 +6,17 @@ const { exec } = require('child_process')
 const Nanoresource = require('nanoresource')
 const { beforeMount, beforeUnmount, configure, unconfigure, isConfigured } = require('fuse-shared-library')
 
-const binding = require('node-gyp-build')(__dirname)
+// qcow2fs: this directory's build (vendor/fuse-native, see CHANGES.md) when it was built, else
+// the stock prebuilt binary of the fuse-native package (same API, without the INIT amendments).
+const binding = loadBinding()
+
+function loadBinding () {
+  try {
+    return require('./build/Release/fuse.node')
+  } catch (err) {
+    return require('node-gyp-build')(path.dirname(require.resolve('fuse-native/package.json')))
+  }
+}
 
 const IS_OSX = os.platform() === 'darwin'
 const OSX_FOLDER_ICON = '/System/Library/CoreServices/CoreTypes.bundle/Contents/Resources/GenericFolderIcon.icns'
@@ -201,6 +211,22 @@ class Fuse extends Nanoresource {
     return options.length ? '-o' + options.join(',') : ''
   }
 
+  // qcow2fs: what to add to libfuse 2.9's INIT answer (patched build only): FUSE_ASYNC_DIO and
+  // FUSE_MAX_PAGES with this many pages (0: the kernel's default of 32).
+  _initOptions () {
+    const a = new Uint32Array([this.opts.asyncDio ? 1 : 0, this.opts.maxPages || 0])
+    return Buffer.from(a.buffer)
+  }
+
+  // INIT flags answered to the kernel (0 with the stock binary, or before INIT).
+  initFlags () {
+    return binding.fuse_native_init_flags && this._thread ? binding.fuse_native_init_flags(this._thread) : 0
+  }
+
+  static get patched () {
+    return binding.qcow2fs_patched === 1
+  }
+
   _malloc (size) {
     const buf = Buffer.alloc(size)
     this._threads.add(buf)
@@ -334,7 +360,7 @@ class Fuse extends Nanoresource {
           if (parent && parent.dev !== stat.dev) return cb(new Error('Mountpoint in use'))
           try {
             // TODO: asyncify
-            binding.fuse_native_mount(self.mnt, opts, self._thread, self, self._malloc, self._handlers, implemented)
+            binding.fuse_native_mount(self.mnt, opts, self._thread, self, self._malloc, self._handlers, implemented, self._initOptions())
           } catch (err) {
             return cb(err)
           }
