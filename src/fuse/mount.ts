@@ -24,8 +24,8 @@ export const MAX_WRITE_BYTES = 128 * 1024;
  */
 export function maxReadBytes(patchedBinding: boolean): number {
   if (!patchedBinding) return 128 * 1024;
-  const pages = Number(process.env.QCOW2FS_FUSE_MAX_PAGES ?? 32);
-  return Math.max(32, Math.min(256, Number.isInteger(pages) ? pages : 32)) * 4096;
+  const pages = Number(process.env.QCOW2FS_FUSE_MAX_PAGES ?? 256);
+  return Math.max(32, Math.min(256, Number.isInteger(pages) ? pages : 256)) * 4096;
 }
 /**
  * Kernel queue for asynchronous requests (reads-ahead, and with FUSE_ASYNC_DIO every O_DIRECT
