@@ -131,7 +131,14 @@ export function makeOps(layout: Layout, opts: OpsOptions, state: OpsState = { op
       const dev = node.device;
       const n = Math.max(0, Math.min(len, dev.size - pos));
       if (n === 0) return cb(0);
-      dev.read(buf.subarray(0, n), pos).then(
+      const dst = n === buf.length ? buf : buf.subarray(0, n);
+      // Fast path: cached metadata and page-cached data answer on this thread, without Promises.
+      try {
+        if (dev.readCached?.(dst, pos)) return cb(n);
+      } catch (err) {
+        return cb(errno(err, 'read', path));
+      }
+      dev.read(dst, pos).then(
         () => cb(n),
         (err) => cb(errno(err, 'read', path)),
       );
