@@ -6,13 +6,16 @@
  *                      (preadv2 RWF_NOWAIT, SEEK_DATA/SEEK_HOLE, pread_nowait.c)
  *   native/codec/      qcow2fs_codec.node (zstd and zlib decompression on the thread pool,
  *                      codec.c; links libzstd and libdeflate: needs libzstd-dev and libdeflate-dev)
+ *   vendor/fuse-native/ fuse.node (the FUSE binding with qcow2fs's changes, CHANGES.md there)
  * Runs from `npm run build` and from `npm ci` (the root package's own install script runs even
  * where npm skips dependencies' scripts). Skips a project whose addons are newer than its
  * sources. Headers come from npm's nodedir setting, else from the running Node's own
  * <prefix>/include/node, so no download is needed.
  *
- * The codec addon is optional: without it compressed clusters decode through Node's zlib and
- * the WebAssembly zstd (slower, same result), so a failed build of it only warns.
+ * The codec addon and the patched FUSE binding are optional: without the first, compressed
+ * clusters decode through Node's zlib and the WebAssembly zstd (slower, same result); without
+ * the second, the stock prebuilt fuse-native is used (no async O_DIRECT, 128 KiB reads). A
+ * failed build of either only warns.
  */
 const fs = require('fs');
 const path = require('path');
@@ -27,6 +30,13 @@ const projects = [
     sources: ['codec.c', 'binding.gyp'],
     required: false,
     why: 'compressed clusters will decode through Node zlib and WebAssembly zstd (slower); install libzstd-dev and libdeflate-dev (scripts/setup-system.sh)',
+  },
+  {
+    dir: path.resolve(__dirname, '..', 'vendor', 'fuse-native'),
+    outs: ['fuse.node'],
+    sources: ['fuse-native.c', 'binding.gyp'],
+    required: false,
+    why: 'the stock prebuilt fuse-native will be used (no async O_DIRECT, 128 KiB reads)',
   },
 ];
 
@@ -62,7 +72,7 @@ for (const p of projects) {
   if (!process.env.npm_config_nodedir && fs.existsSync(path.join(prefix, 'include', 'node', 'node_api.h'))) {
     args.push(`--nodedir=${prefix}`);
   }
-  const r = spawnSync(process.execPath, args, { stdio: ['ignore', 'ignore', 'inherit'] });
+  const r = spawnSync(process.execPath, args, { cwd: p.dir, stdio: ['ignore', 'ignore', 'inherit'] });
   if (r.status !== 0 || !outs.every((o) => fs.existsSync(o))) {
     if (p.required) {
       process.stderr.write('build-native: building the native addons failed (needs g++, make, python3)\n');

@@ -3,7 +3,8 @@
  * relative paths, one-line errors for bad mountpoints and images, umount waits for the daemon,
  * SIGTERM/SIGINT unmount cleanly, --help examples, --version, and `info` agreeing with qemu-img.
  */
-import { spawn } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
+import { createHash } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -290,7 +291,7 @@ describe('signals and a dead daemon', () => {
 });
 
 describe('--foreground and request size', () => {
-  it('stays attached, serves 128 KiB requests, and Ctrl-C (SIGINT) unmounts and exits 0', async () => {
+  it('stays attached, serves 1 MiB read requests, and Ctrl-C (SIGINT) unmounts and exits 0', async () => {
     const dir = scratchDir('fg');
     const img = smallImage(dir);
     const mp = path.join(dir, 'mnt');
@@ -302,10 +303,15 @@ describe('--foreground and request size', () => {
     try {
       expect(await waitFor(() => isMounted(mp), 10_000), stderr).toBe(true);
       expect(child.exitCode).toBeNull(); // still attached
-      expect(sha256File(path.join(mp, 'disk.raw'))).toBe(qemuRawSha(img));
-      // Big requests: the kernel was told max_read=128 KiB (fuse-native has no option for it).
+      const want = qemuRawSha(img);
+      expect(sha256File(path.join(mp, 'disk.raw'))).toBe(want);
+      // O_DIRECT 1 MiB reads (one request each with FUSE_MAX_PAGES, queued with FUSE_ASYNC_DIO).
+      const direct = execFileSync('dd', [`if=${path.join(mp, 'disk.raw')}`, 'iflag=direct', 'bs=1M', 'status=none'], { maxBuffer: 1 << 30 });
+      expect(createHash('sha256').update(direct).digest('hex')).toBe(want);
+      // Big requests: the kernel was told max_read=1 MiB (fuse-native has no option for it; reads
+      // above 128 KiB need FUSE_MAX_PAGES, which the vendored binding adds to the INIT answer).
       const line = fs.readFileSync('/proc/self/mountinfo', 'utf8').split('\n').find((l) => l.split(' ')[4] === mp) ?? '';
-      expect(line).toMatch(/max_read=131072/);
+      expect(line).toMatch(/max_read=1048576/);
       child.kill('SIGINT');
       expect(await exited).toBe(0);
       expect(isMounted(mp)).toBe(false);

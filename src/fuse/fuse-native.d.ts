@@ -60,6 +60,10 @@ declare module 'fuse-native' {
     force?: boolean;
     mkdir?: boolean;
     debug?: boolean;
+    /** vendor/fuse-native only: add FUSE_ASYNC_DIO to libfuse 2.9's INIT answer. */
+    asyncDio?: boolean;
+    /** vendor/fuse-native only: add FUSE_MAX_PAGES with this many pages (0: the kernel's 32). */
+    maxPages?: number;
   }
   }
   class Fuse {
@@ -68,6 +72,10 @@ declare module 'fuse-native' {
     mount(cb: (err: Error | null) => void): void;
     unmount(cb: (err: Error | null) => void): void;
     protected _fuseOptions(): string;
+    /** vendor/fuse-native only: the INIT flags answered to the kernel (0 with the stock binary). */
+    initFlags?(): number;
+    /** True for vendor/fuse-native's own build, false for the stock prebuilt binary. */
+    static readonly patched?: boolean;
     static unmount(mnt: string, cb: (err: Error | null) => void): void;
     static readonly EPERM: number;
     static readonly ENOENT: number;

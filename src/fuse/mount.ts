@@ -6,7 +6,8 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { execFile } from 'node:child_process';
-import Fuse from 'fuse-native';
+import type FuseTypes from 'fuse-native';
+import Fuse from './binding';
 import { UsageError } from '../errors';
 import { log } from '../log';
 import type { Layout } from './layout';
@@ -14,8 +15,23 @@ import { checkMountpoint, findMount } from './mounts';
 import { makeOps, type OpsState } from './ops';
 
 export const FUSE_SUBTYPE = 'qcow2fs';
-/** Largest read/write request we ask the kernel for (FUSE 2.9's ceiling without max_pages). */
-export const MAX_REQUEST_BYTES = 128 * 1024;
+/** Largest write request (libfuse 2.9 reads requests into a 132 KiB buffer). */
+export const MAX_WRITE_BYTES = 128 * 1024;
+/**
+ * Largest read request. Above 128 KiB it needs FUSE_MAX_PAGES in the INIT answer, which only the
+ * vendored binding adds (vendor/fuse-native); a read request is small whatever its size (the
+ * reply buffer is allocated per request), so libfuse 2.9's buffer does not limit it.
+ */
+export function maxReadBytes(patchedBinding: boolean): number {
+  if (!patchedBinding) return 128 * 1024;
+  const pages = Number(process.env.QCOW2FS_FUSE_MAX_PAGES ?? 256);
+  return Math.max(32, Math.min(256, Number.isInteger(pages) ? pages : 256)) * 4096;
+}
+/**
+ * Kernel queue for asynchronous requests (reads-ahead, and with FUSE_ASYNC_DIO every O_DIRECT
+ * piece): the kernel default is 12, below a queue depth of 16.
+ */
+export const MAX_BACKGROUND = 64;
 
 export interface FuseMountOptions {
   /** Shown as the mount's source in /proc/mounts (the image path). */
@@ -38,8 +54,8 @@ function escapeOption(v: string): string {
 class Qcow2fsFuse extends Fuse {
   constructor(
     mnt: string,
-    ops: Fuse.FuseOps,
-    opts: Fuse.FuseOptions,
+    ops: FuseTypes.FuseOps,
+    opts: FuseTypes.FuseOptions,
     private readonly extra: string[],
   ) {
     super(mnt, ops, opts);
@@ -75,7 +91,7 @@ export class FuseMount {
   private constructor(
     readonly mountpoint: string,
     /** Held for the mount's lifetime: it owns the native FUSE thread's state. */
-    readonly fuse: Fuse,
+    readonly fuse: FuseTypes,
     readonly layout: Layout,
     private readonly state: OpsState,
     /** The /dev/fuse descriptors of this mount's session; libfuse closes them when its loop ends. */
@@ -87,7 +103,16 @@ export class FuseMount {
     checkMountpoint(mountpoint);
     const state: OpsState = { openHandles: 0 };
     const ops = makeOps(layout, { readOnly: opts.readOnly }, state);
-    const extra = ['big_writes', `max_write=${MAX_REQUEST_BYTES}`, `max_read=${MAX_REQUEST_BYTES}`, 'kernel_cache'];
+    const patched = Fuse.patched === true;
+    const maxRead = maxReadBytes(patched);
+    const extra = [
+      'big_writes',
+      `max_write=${MAX_WRITE_BYTES}`,
+      `max_read=${maxRead}`,
+      'kernel_cache',
+      `max_background=${MAX_BACKGROUND}`,
+      `congestion_threshold=${(MAX_BACKGROUND * 3) / 4}`,
+    ];
     if (opts.readOnly) extra.push('ro');
     if (opts.allowOther) extra.push('default_permissions');
     const fuse = new Qcow2fsFuse(
@@ -100,6 +125,9 @@ export class FuseMount {
         // Requests may legitimately take long (a flush of a big write-back); never time them out.
         timeout: false,
         debug: !!opts.debug,
+        // Vendored binding: let the kernel queue O_DIRECT requests (see vendor/fuse-native/CHANGES.md).
+        asyncDio: process.env.QCOW2FS_NO_ASYNC_DIO === undefined,
+        maxPages: maxRead / 4096,
       },
       extra,
     );
@@ -108,7 +136,7 @@ export class FuseMount {
       fuse.mount((err) => (err ? reject(new UsageError(`cannot mount on ${mountpoint}: ${err.message}`)) : resolve())),
     );
     const channelFds = [...fuseDeviceFds()].filter((fd) => !fdsBefore.has(fd));
-    log.info({ mountpoint, source: opts.fsname }, 'mounted');
+    log.info({ mountpoint, source: opts.fsname, patchedBinding: patched, maxRead }, 'mounted');
     return new FuseMount(mountpoint, fuse, layout, state, channelFds);
   }
 

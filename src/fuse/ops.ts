@@ -3,7 +3,8 @@
  * values: ReadOnlyError -> EROFS, anything else -> EIO (logged once per distinct message, so a
  * corrupt L2 entry read in a loop does not flood the log). The daemon never dies of a bad request.
  */
-import Fuse from 'fuse-native';
+import type FuseTypes from 'fuse-native';
+import Fuse from './binding';
 import { ReadOnlyError } from '../errors';
 import type { BlockDevice } from '../image/blockdev';
 import { log } from '../log';
@@ -24,7 +25,7 @@ export interface OpsState {
   openHandles: number;
 }
 
-export function makeOps(layout: Layout, opts: OpsOptions, state: OpsState = { openHandles: 0 }): Fuse.FuseOps {
+export function makeOps(layout: Layout, opts: OpsOptions, state: OpsState = { openHandles: 0 }): FuseTypes.FuseOps {
   const logged = new Set<string>();
   const allocatedCache = new Map<BlockDevice, { at: number; bytes: number }>();
 
@@ -47,7 +48,7 @@ export function makeOps(layout: Layout, opts: OpsOptions, state: OpsState = { op
     return bytes / 512;
   }
 
-  async function statOf(node: LayoutNode): Promise<Fuse.FuseStat> {
+  async function statOf(node: LayoutNode): Promise<FuseTypes.FuseStat> {
     const { mtime, atime, ctime, uid, gid } = node.meta;
     if (node.kind === 'dir') {
       return { mode: S_IFDIR | (opts.readOnly ? 0o555 : 0o755), nlink: 2, size: 4096, uid, gid, mtime, atime, ctime };
@@ -130,7 +131,14 @@ export function makeOps(layout: Layout, opts: OpsOptions, state: OpsState = { op
       const dev = node.device;
       const n = Math.max(0, Math.min(len, dev.size - pos));
       if (n === 0) return cb(0);
-      dev.read(buf.subarray(0, n), pos).then(
+      const dst = n === buf.length ? buf : buf.subarray(0, n);
+      // Fast path: cached metadata and page-cached data answer on this thread, without Promises.
+      try {
+        if (dev.readCached?.(dst, pos)) return cb(n);
+      } catch (err) {
+        return cb(errno(err, 'read', path));
+      }
+      dev.read(dst, pos).then(
         () => cb(n),
         (err) => cb(errno(err, 'read', path)),
       );

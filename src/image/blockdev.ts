@@ -25,6 +25,12 @@ export interface BlockDevice {
   readonly description: string;
   /** Fills buf with the guest bytes at [offset, offset + buf.length); the range must lie inside size. */
   read(buf: Uint8Array, offset: number): Promise<void>;
+  /**
+   * read() done synchronously when everything it needs is at hand (metadata cached, host data in
+   * the page cache); false when it is not, and then buf may be partly written: call read(). Saves
+   * the Promise chain on the hot path of small reads (FUSE requests).
+   */
+  readCached?(buf: Uint8Array, offset: number): boolean;
   write(buf: Uint8Array, offset: number): Promise<void>;
   discard(offset: number, length: number): Promise<void>;
   /** Grows (or, where allowed, shrinks) the virtual size; absent when the device cannot. */

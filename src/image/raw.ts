@@ -26,6 +26,11 @@ export class RawImage implements BlockDevice {
     await this.file.pread(buf, offset);
   }
 
+  readCached(buf: Uint8Array, offset: number): boolean {
+    checkRange(this, offset, buf.length);
+    return this.file.preadCached?.(buf, offset) ?? false;
+  }
+
   async write(buf: Uint8Array, offset: number): Promise<void> {
     if (this.readOnly) throw new ReadOnlyError(`${this.description} is read-only`);
     checkRange(this, offset, buf.length);

@@ -32,6 +32,9 @@ class BorrowedDevice implements BlockDevice {
   read(buf: Uint8Array, offset: number): Promise<void> {
     return this.inner.read(buf, offset);
   }
+  readCached(buf: Uint8Array, offset: number): boolean {
+    return this.inner.readCached(buf, offset);
+  }
   write(buf: Uint8Array, offset: number): Promise<void> {
     return this.inner.write(buf, offset);
   }

@@ -11,6 +11,8 @@ export interface HostFile {
   readonly readOnly: boolean;
   /** Reads exactly buf.length bytes at `offset`; bytes past end of file read as zeros. Returns bytes really read. */
   pread(buf: Uint8Array, offset: number): Promise<number>;
+  /** Reads all of buf at `offset` from the page cache on this thread; false (buf maybe partly written) if it cannot. */
+  preadCached?(buf: Uint8Array, offset: number): boolean;
   /** Writes all of buf at `offset`. */
   pwrite(buf: Uint8Array, offset: number): Promise<void>;
   /** Writes the buffers back to back starting at `offset`, in as few system calls as it can. */
@@ -157,6 +159,12 @@ export class FdFile implements HostFile {
     }
     if (done < buf.length) buf.fill(0, done);
     return done;
+  }
+
+  preadCached(buf: Uint8Array, offset: number): boolean {
+    const nowait = ioAddon();
+    if (!nowait || buf.length > NOWAIT_READ_MAX_BYTES) return false;
+    return nowait.preadNowait(this.fd, buf, 0, buf.length, offset) === buf.length;
   }
 
   async pwrite(buf: Uint8Array, offset: number): Promise<void> {

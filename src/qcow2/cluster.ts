@@ -68,6 +68,17 @@ export class ClusterMapper {
     return this.l2Cache.peek(l2Offset) ?? (await this.l2Cache.get(l2Offset));
   }
 
+  /** lookup() without a Promise when the L2 table is cached or absent; undefined when it must be loaded. */
+  lookupCached(l1: L1Table, guestOffset: number, maxLength: number): Mapping | undefined {
+    const l1Index = Math.floor(guestOffset / this.bytesPerL2Table);
+    const toTableEnd = (l1Index + 1) * this.bytesPerL2Table - guestOffset;
+    const l2Offset = l1Index < l1.l2Offsets.length ? l1.l2Offsets[l1Index]! : 0;
+    if (l2Offset === 0) return { kind: 'unallocated', length: Math.min(maxLength, toTableEnd) };
+    const table = this.l2Cache.peek(l2Offset);
+    if (table === undefined) return undefined;
+    return this.lookupInTable(table, l1Index, guestOffset, Math.min(maxLength, toTableEnd));
+  }
+
   async lookup(l1: L1Table, guestOffset: number, maxLength: number): Promise<Mapping> {
     const l1Index = Math.floor(guestOffset / this.bytesPerL2Table);
     const tableStart = l1Index * this.bytesPerL2Table;

@@ -251,6 +251,38 @@ export class Qcow2Image implements BlockDevice {
     return this.mapper.lookup(this.l1, guestOffset, maxLength);
   }
 
+  /**
+   * read() on this thread, without Promises, when it needs nothing but cached L2 tables, host data
+   * in the page cache (preadv2 RWF_NOWAIT), zeros, and backing reads that can be served the same
+   * way; false otherwise (buf may be partly written; read() then does the whole request).
+   * Compressed clusters always take read().
+   */
+  readCached(buf: Uint8Array, offset: number): boolean {
+    checkRange(this, offset, buf.length);
+    const file = this.file;
+    if (!file.preadCached) return false;
+    let pos = 0;
+    while (pos < buf.length) {
+      const m = this.mapper.lookupCached(this.l1, offset + pos, buf.length - pos);
+      if (m === undefined) return false;
+      if (m.kind === 'data') {
+        if (!file.preadCached(buf.subarray(pos, pos + m.length), m.hostOffset)) return false;
+      } else if (m.kind === 'zero') {
+        buf.fill(0, pos, pos + m.length);
+      } else if (m.kind === 'unallocated') {
+        // As readBacking: the backing file's bytes, zeros past its end (or without one).
+        const b = this.backing;
+        const inBacking = b === null ? 0 : Math.max(0, Math.min(m.length, b.size - (offset + pos)));
+        if (inBacking > 0 && !b!.readCached?.(buf.subarray(pos, pos + inBacking), offset + pos)) return false;
+        buf.fill(0, pos + inBacking, pos + m.length);
+      } else {
+        return false;
+      }
+      pos += m.length;
+    }
+    return true;
+  }
+
   async read(buf: Uint8Array, offset: number): Promise<void> {
     checkRange(this, offset, buf.length);
     const pending: Promise<void>[] = [];
