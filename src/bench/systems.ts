@@ -113,12 +113,12 @@ export function makeSystems(mountRoot: string, qcow2fsBin: string, baselineBin?:
     label,
     canWrite: true,
     servesQcow2: true,
-    commandTemplate: (w) => `node bin/qcow2fs mount${w ? '' : ' -r'} IMAGE MP   # file MP/<name>.raw; qcow2fs umount MP`,
+    commandTemplate: (w) => `bin/qcow2fs mount${w ? '' : ' -r'} IMAGE MP   # file MP/<name>.raw; qcow2fs umount MP`,
     async attach(req) {
       const mp = path.join(mountRoot, id);
       fs.mkdirSync(mp, { recursive: true });
-      const args = [bin, 'mount', ...(req.writable ? [] : ['-r']), req.image, mp];
-      const r = await exec(process.execPath, args);
+      // Run as users run it: the command itself (its #! line), not `node bin/qcow2fs`.
+      const r = await exec(bin, ['mount', ...(req.writable ? [] : ['-r']), req.image, mp]);
       if (r.code !== 0) throw new Error(`qcow2fs mount: ${firstLine(r.stderr) || `exit status ${r.code}`}`);
       const pid = once(() => findProcesses((a) => a.includes('--daemon-of') && a[a.indexOf('--daemon-of') + 1] === mp)[0] ?? null);
       const undo = onCleanup(`${label} mount ${mp}`, async () => {

@@ -178,6 +178,8 @@ export function wrapperScript(nodePath: string, launcher: string): string {
     '#!/bin/sh',
     MARKER,
     '# mount -t fuse.qcow2fs runs mount.fuse3, which runs "qcow2fs IMAGE DIR -o OPTS" with a minimal PATH.',
+    '# No TLS here; Node would read this certificate file at start-up (mount time).',
+    'unset NODE_EXTRA_CA_CERTS',
     `exec ${shellQuote(nodePath)} ${shellQuote(launcher)} "$@"`,
     '',
   ].join('\n');
