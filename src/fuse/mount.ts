@@ -15,8 +15,16 @@ import { checkMountpoint, findMount } from './mounts';
 import { makeOps, type OpsState } from './ops';
 
 export const FUSE_SUBTYPE = 'qcow2fs';
-/** Largest write request (libfuse 2.9 reads requests into a 132 KiB buffer). */
-export const MAX_WRITE_BYTES = 128 * 1024;
+/**
+ * Largest write request. libfuse 2.9 reads each request into its channel's buffer (132 KiB);
+ * the vendored binding sizes that buffer for max_pages, so writes can be as large as reads.
+ * QCOW2FS_FUSE_MAX_WRITE (bytes) overrides, for A/B measurements.
+ */
+export function maxWriteBytes(patchedBinding: boolean, maxRead: number): number {
+  const forced = Number(process.env.QCOW2FS_FUSE_MAX_WRITE ?? NaN);
+  if (Number.isInteger(forced) && forced >= 4096) return Math.min(forced, patchedBinding ? maxRead : 128 * 1024);
+  return patchedBinding ? maxRead : 128 * 1024;
+}
 /**
  * Largest read request. Above 128 KiB it needs FUSE_MAX_PAGES in the INIT answer, which only the
  * vendored binding adds (vendor/fuse-native); a read request is small whatever its size (the
@@ -124,7 +132,7 @@ export class FuseMount {
     const maxRead = maxReadBytes(patched);
     const extra = [
       'big_writes',
-      `max_write=${MAX_WRITE_BYTES}`,
+      `max_write=${maxWriteBytes(patched, maxRead)}`,
       `max_read=${maxRead}`,
       'kernel_cache',
       `max_background=${MAX_BACKGROUND}`,

@@ -1059,7 +1059,12 @@ NAPI_METHOD(fuse_native_mount) {
   }
   // The same /dev/fuse descriptor behind qcow2fs's channel (above). libfuse's own channel object
   // from fuse_mount is left unused (not destroyed: that would close the descriptor).
-  struct fuse_chan *ch = fuse_chan_new(&qcow2fs_chan_ops, fuse_chan_fd(kch), fuse_chan_bufsize(kch), ft);
+  // The channel's buffer size is what libfuse reads each request into, and it caps max_write
+  // (libfuse answers INIT with at most bufsize - 4096): with max_pages, room for requests of
+  // max_pages pages plus the header page, so writes can be as large as reads.
+  size_t bufsize = fuse_chan_bufsize(kch);
+  if (ft->max_pages > 32 && (size_t) ft->max_pages * 4096 + 4096 > bufsize) bufsize = (size_t) ft->max_pages * 4096 + 4096;
+  struct fuse_chan *ch = fuse_chan_new(&qcow2fs_chan_ops, fuse_chan_fd(kch), bufsize, ft);
   if (ch == NULL) {
     napi_throw_error(env, "fuse failed", "fuse failed");
     return NULL;
