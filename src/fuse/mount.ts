@@ -41,23 +41,6 @@ export function maxReadBytes(patchedBinding: boolean): number {
  */
 export const MAX_BACKGROUND = 64;
 
-/**
- * Kernel read-ahead for the mount: as large as one read request. The kernel gives a FUSE mount
- * at most its default 128 KiB whatever the INIT answer asks, so buffered sequential reads went
- * out as 128 KiB requests, one round trip each. The mount's backing device info is tunable
- * (root only; elsewhere it stays as it was). Measured on one mount, fio 1 MiB buffered cold:
- * 0.55-0.80 GB/s at 128 KiB, 2.1-2.4 GB/s at 1 MiB.
- */
-function setReadahead(mountpoint: string, bytes: number): void {
-  const device = findMount(mountpoint)?.device;
-  if (!device || bytes <= 128 * 1024) return;
-  try {
-    fs.writeFileSync(`/sys/class/bdi/${device}/read_ahead_kb`, String(bytes / 1024));
-  } catch (err) {
-    log.debug({ device, err: (err as Error).message }, 'cannot raise the read-ahead; keeping the kernel default');
-  }
-}
-
 export interface FuseMountOptions {
   /** Shown as the mount's source in /proc/mounts (the image path). */
   fsname: string;
@@ -161,7 +144,6 @@ export class FuseMount {
       fuse.mount((err) => (err ? reject(new UsageError(`cannot mount on ${mountpoint}: ${err.message}`)) : resolve())),
     );
     const channelFds = [...fuseDeviceFds()].filter((fd) => !fdsBefore.has(fd));
-    setReadahead(mountpoint, maxRead);
     log.info({ mountpoint, source: opts.fsname, patchedBinding: patched, maxRead }, 'mounted');
     return new FuseMount(mountpoint, fuse, layout, state, channelFds);
   }

@@ -7,8 +7,6 @@ export interface MountEntry {
   mountpoint: string;
   fstype: string;
   source: string;
-  /** The mount's device, "major:minor" (a FUSE mount's minor names its /sys/fs/fuse/connections entry). */
-  device: string;
 }
 
 /** Undoes the octal escapes (\040 for space ...) of mountinfo fields. */
@@ -25,7 +23,7 @@ export function listMounts(): MountEntry[] {
     if (sep < 0) continue;
     const left = line.slice(0, sep).split(' ');
     const right = line.slice(sep + 3).split(' ');
-    out.push({ mountpoint: unescape(left[4] ?? ''), fstype: right[0] ?? '', source: unescape(right[1] ?? ''), device: left[2] ?? '' });
+    out.push({ mountpoint: unescape(left[4] ?? ''), fstype: right[0] ?? '', source: unescape(right[1] ?? '') });
   }
   return out;
 }
