@@ -80,11 +80,12 @@ export class ClusterMapper {
   }
 
   async lookup(l1: L1Table, guestOffset: number, maxLength: number): Promise<Mapping> {
+    const hit = this.lookupCached(l1, guestOffset, maxLength);
+    if (hit !== undefined) return hit;
+    // The L2 table exists but is not cached: load it, then answer as lookupCached would.
     const l1Index = Math.floor(guestOffset / this.bytesPerL2Table);
-    const tableStart = l1Index * this.bytesPerL2Table;
-    const toTableEnd = tableStart + this.bytesPerL2Table - guestOffset;
-    const table = await this.l2Table(l1, l1Index);
-    if (table === null) return { kind: 'unallocated', length: Math.min(maxLength, toTableEnd) };
+    const table = await this.l2Cache.get(l1.l2Offsets[l1Index]!);
+    const toTableEnd = (l1Index + 1) * this.bytesPerL2Table - guestOffset;
     return this.lookupInTable(table, l1Index, guestOffset, Math.min(maxLength, toTableEnd));
   }
 
