@@ -13,7 +13,14 @@ export class TableCache {
   constructor(
     readonly capacityBytes: number,
     private readonly loader: (key: number) => Promise<Buffer>,
+    /** Told of each value evicted for space (not of delete()/clear()), e.g. to reuse its buffer. */
+    private readonly onEvict?: (key: number, value: Buffer) => void,
   ) {}
+
+  /** Whether key is cached (without marking it used). */
+  has(key: number): boolean {
+    return this.entries.has(key);
+  }
 
   /** The cached value if present (and marks it recently used); undefined otherwise. */
   peek(key: number): Buffer | undefined {
@@ -93,6 +100,7 @@ export class TableCache {
       if (this.pinned.has(k)) continue;
       this.entries.delete(k);
       this.bytes -= v.length;
+      this.onEvict?.(k, v);
     }
   }
 }

@@ -14,6 +14,7 @@
  *   nothing can still read it: readers pin their cluster while they wait for it, and eviction
  *   skips pinned clusters; the writer gets a copy.
  */
+import { TableCache } from './cache';
 import type { Mapping } from './cluster';
 
 /** Reads the compressed bytes at hostOffset and decompresses them into `into` (a cluster). */
@@ -41,13 +42,13 @@ export interface CompressedCacheOptions {
 const NOOP = (): void => {};
 
 export class CompressedClusterCache {
-  private readonly entries = new Map<number, Buffer>();
+  /** The LRU of decoded clusters; what it evicts for space is recycled. */
+  private readonly cache: TableCache;
   private readonly loading = new Map<number, Load>();
-  /** Readers waiting for (then copying from) a cluster, by host offset: not evictable. */
+  /** Readers waiting for (then copying from) a cluster, by host offset: pinned in the cache. */
   private readonly pins = new Map<number, number>();
   private readonly free: Buffer[] = [];
   private readonly maxFree: number;
-  private bytes = 0;
 
   // Read-ahead state (guest offsets).
   private lastEnd = -1;
@@ -64,23 +65,29 @@ export class CompressedClusterCache {
     private readonly lookup: Lookup,
   ) {
     this.maxFree = Math.max(2, Math.min(8, Math.floor(opts.capacityBytes / opts.clusterSize / 4)));
+    this.cache = new TableCache(opts.capacityBytes, () => Promise.reject(new Error('internal: loads go through load()')), (_k, buf) => this.recycle(buf));
   }
 
   /** Copies dst.length bytes of the cluster, from offsetInCluster, into dst. */
   async read(dst: Uint8Array, hostOffset: number, compressedBytes: number, offsetInCluster: number): Promise<void> {
-    const hit = this.touch(hostOffset);
+    const hit = this.cache.peek(hostOffset);
     if (hit) {
       dst.set(hit.subarray(offsetInCluster, offsetInCluster + dst.length));
       return;
     }
     this.pins.set(hostOffset, (this.pins.get(hostOffset) ?? 0) + 1);
+    this.cache.pin(hostOffset);
     try {
       const buf = await this.load(hostOffset, compressedBytes);
       dst.set(buf.subarray(offsetInCluster, offsetInCluster + dst.length));
     } finally {
       const n = this.pins.get(hostOffset)! - 1;
-      if (n > 0) this.pins.set(hostOffset, n);
-      else this.pins.delete(hostOffset);
+      if (n > 0) {
+        this.pins.set(hostOffset, n);
+      } else {
+        this.pins.delete(hostOffset);
+        this.cache.unpin(hostOffset);
+      }
     }
   }
 
@@ -93,11 +100,9 @@ export class CompressedClusterCache {
 
   /** The host cluster was freed: drop it, and keep a load in flight from caching it. */
   forget(hostOffset: number): void {
-    const buf = this.entries.get(hostOffset);
-    if (buf) {
-      this.entries.delete(hostOffset);
-      this.bytes -= buf.length;
-    }
+    this.cache.delete(hostOffset);
+    // A reader still waiting keeps its pin (delete() dropped it from the cache's set).
+    if (this.pins.has(hostOffset)) this.cache.pin(hostOffset);
     const l = this.loading.get(hostOffset);
     if (l) {
       l.stale = true;
@@ -106,7 +111,7 @@ export class CompressedClusterCache {
   }
 
   get sizeBytes(): number {
-    return this.bytes;
+    return this.cache.sizeBytes;
   }
 
   /**
@@ -133,9 +138,8 @@ export class CompressedClusterCache {
   async close(): Promise<void> {
     this.closed = true;
     while (this.inflight.size > 0) await Promise.allSettled([...this.inflight]);
-    this.entries.clear();
+    this.cache.clear();
     this.free.length = 0;
-    this.bytes = 0;
   }
 
   private async pump(): Promise<void> {
@@ -155,7 +159,7 @@ export class CompressedClusterCache {
         }
         if (epoch !== this.epoch || this.closed) continue; // the reader jumped elsewhere meanwhile
         this.raNext = Math.max(this.raNext, at + m.length);
-        if (m.kind !== 'compressed' || this.entries.has(m.hostOffset) || this.loading.has(m.hostOffset)) continue;
+        if (m.kind !== 'compressed' || this.cache.has(m.hostOffset) || this.loading.has(m.hostOffset)) continue;
         const p = this.load(m.hostOffset, m.compressedBytes).then(NOOP, NOOP); // a failure shows on the real read
         this.inflight.add(p);
         void p.then(() => {
@@ -168,17 +172,8 @@ export class CompressedClusterCache {
     }
   }
 
-  private touch(key: number): Buffer | undefined {
-    const v = this.entries.get(key);
-    if (v !== undefined) {
-      this.entries.delete(key);
-      this.entries.set(key, v);
-    }
-    return v;
-  }
-
   private load(key: number, compressedBytes: number): Promise<Buffer> {
-    const hit = this.touch(key);
+    const hit = this.cache.peek(key);
     if (hit) return Promise.resolve(hit);
     const running = this.loading.get(key);
     if (running) return running.promise;
@@ -188,7 +183,7 @@ export class CompressedClusterCache {
       () => {
         if (!state.stale) {
           this.loading.delete(key);
-          this.insert(key, into);
+          this.cache.insert(key, into);
         }
         return into;
       },
@@ -201,22 +196,6 @@ export class CompressedClusterCache {
     );
     this.loading.set(key, state);
     return state.promise;
-  }
-
-  private insert(key: number, buf: Buffer): void {
-    const old = this.entries.get(key);
-    if (old) this.bytes -= old.length;
-    this.entries.delete(key);
-    this.entries.set(key, buf);
-    this.bytes += buf.length;
-    if (this.bytes <= this.opts.capacityBytes) return;
-    for (const [k, v] of this.entries) {
-      if (this.bytes <= this.opts.capacityBytes) break;
-      if (this.pins.has(k)) continue;
-      this.entries.delete(k);
-      this.bytes -= v.length;
-      this.recycle(v);
-    }
   }
 
   private recycle(buf: Buffer): void {
