@@ -65,6 +65,22 @@ declare module 'fuse-native' {
     /** vendor/fuse-native only: add FUSE_MAX_PAGES with this many pages (0: the kernel's 32). */
     maxPages?: number;
   }
+  /** vendor/fuse-native only: the native side of direct read maps (see src/fuse/direct-read.ts). */
+  interface DirectReadMapsNative {
+    /** A map for the file at `path`; its index, or -1. */
+    attach(path: string, clusterBits: number, slotBits: number, sizeBytes: number): number;
+    /** Sets `count` slots from triples [guest cluster, fd (-1: zeros), host offset]. */
+    publish(index: number, triples: Float64Array, count: number): void;
+    /** Empties the slots of clusters [firstCluster, +count); count -1: every slot. */
+    invalidate(index: number, firstCluster: number, count: number): void;
+    /** Returns once no direct read that started before the call is still running. */
+    quiesce(index: number): void;
+    setSize(index: number, sizeBytes: number): void;
+    /** Every later read goes to JS; returns once running direct reads have ended. */
+    disable(index: number): void;
+    /** [reads answered natively, reads handed to JS]. */
+    stats(index: number): [number, number];
+  }
   }
   class Fuse {
     constructor(mnt: string, ops: FuseOps, opts?: FuseOptions);
@@ -74,6 +90,8 @@ declare module 'fuse-native' {
     protected _fuseOptions(): string;
     /** vendor/fuse-native only: the INIT flags answered to the kernel (0 with the stock binary). */
     initFlags?(): number;
+    /** vendor/fuse-native only: direct read maps of this mount (null before mounting). */
+    directReadMaps?(): Fuse.DirectReadMapsNative | null;
     /** True for vendor/fuse-native's own build, false for the stock prebuilt binary. */
     static readonly patched?: boolean;
     static unmount(mnt: string, cb: (err: Error | null) => void): void;

@@ -53,6 +53,17 @@ export class Layout {
     return node;
   }
 
+  /** Every device node with its path ("/disk.raw"), as FUSE names it. */
+  devicePaths(): [string, BlockDevice][] {
+    const out: [string, BlockDevice][] = [];
+    const walk = (n: LayoutNode, path: string): void => {
+      if (n.kind === 'device') out.push([path, n.device]);
+      else if (n.kind === 'dir') for (const [name, c] of n.children) walk(c, `${path === '/' ? '' : path}/${name}`);
+    };
+    walk(this.root, '/');
+    return out;
+  }
+
   devices(): BlockDevice[] {
     const out: BlockDevice[] = [];
     const walk = (n: LayoutNode): void => {

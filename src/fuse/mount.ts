@@ -11,6 +11,7 @@ import Fuse from './binding';
 import { UsageError } from '../errors';
 import { log } from '../log';
 import type { Layout } from './layout';
+import { DirectReadMap } from './direct-read';
 import { checkMountpoint, findMount } from './mounts';
 import { makeOps, type OpsState } from './ops';
 
@@ -109,7 +110,7 @@ export class FuseMount {
   static async mount(mountpoint: string, layout: Layout, opts: FuseMountOptions): Promise<FuseMount> {
     mountpoint = path.resolve(mountpoint);
     checkMountpoint(mountpoint);
-    const state: OpsState = { openHandles: 0 };
+    const state: OpsState = { openHandles: 0, directReads: new Map() };
     const ops = makeOps(layout, { readOnly: opts.readOnly }, state);
     const patched = Fuse.patched === true;
     const maxRead = maxReadBytes(patched);
@@ -144,7 +145,12 @@ export class FuseMount {
       fuse.mount((err) => (err ? reject(new UsageError(`cannot mount on ${mountpoint}: ${err.message}`)) : resolve())),
     );
     const channelFds = [...fuseDeviceFds()].filter((fd) => !fdsBefore.has(fd));
-    log.info({ mountpoint, source: opts.fsname, patchedBinding: patched, maxRead }, 'mounted');
+    const observed = new Set<import('../image/blockdev').BlockDevice>();
+    for (const [p, dev] of layout.devicePaths()) {
+      const map = DirectReadMap.attach(fuse, p, dev, observed);
+      if (map) state.directReads!.set(p, map);
+    }
+    log.info({ mountpoint, source: opts.fsname, patchedBinding: patched, maxRead, directReads: state.directReads!.size }, 'mounted');
     return new FuseMount(mountpoint, fuse, layout, state, channelFds);
   }
 
@@ -197,6 +203,8 @@ export class FuseMount {
         });
       });
     }
+    // No read may still use a device's descriptors once it closes.
+    for (const map of this.state.directReads?.values() ?? []) map.close();
     for (const dev of this.layout.devices()) {
       try {
         await dev.flush();

@@ -8,6 +8,7 @@ import Fuse from './binding';
 import { ReadOnlyError } from '../errors';
 import type { BlockDevice } from '../image/blockdev';
 import { log } from '../log';
+import type { DirectReadMap } from './direct-read';
 import type { Layout, LayoutNode } from './layout';
 
 const O_ACCMODE = 3;
@@ -23,6 +24,8 @@ export interface OpsOptions {
 /** Live counters the lifecycle looks at (a lazily unmounted filesystem ends when the last file closes). */
 export interface OpsState {
   openHandles: number;
+  /** Direct read maps by FUSE path, filled once mounted: told what the engine served. */
+  directReads?: Map<string, DirectReadMap>;
 }
 
 export function makeOps(layout: Layout, opts: OpsOptions, state: OpsState = { openHandles: 0 }): FuseTypes.FuseOps {
@@ -80,12 +83,16 @@ export function makeOps(layout: Layout, opts: OpsOptions, state: OpsState = { op
   function resizeDevice(dev: BlockDevice, size: number, path: string, cb: (code: number) => void): void {
     if (size === dev.size) return cb(0);
     if (!dev.resize) return cb(Fuse.EINVAL);
+    const resized = (): void => {
+      for (const m of state.directReads?.values() ?? []) m.resized();
+      cb(0);
+    };
     if (size < dev.size) {
       log.warn({ path }, `refusing to shrink ${dev.description} from ${dev.size} to ${size} bytes (use "qcow2fs resize --shrink" offline)`);
       return cb(Fuse.EINVAL);
     }
     dev.resize(size).then(
-      () => cb(0),
+      resized,
       (err) => cb(errno(err, 'truncate', path)),
     );
   }
@@ -132,14 +139,22 @@ export function makeOps(layout: Layout, opts: OpsOptions, state: OpsState = { op
       const n = Math.max(0, Math.min(len, dev.size - pos));
       if (n === 0) return cb(0);
       const dst = n === buf.length ? buf : buf.subarray(0, n);
+      // Not answered by the binding's direct read map: tell it what the engine now knows.
+      const direct = state.directReads?.get(path);
       // Fast path: cached metadata and page-cached data answer on this thread, without Promises.
       try {
-        if (dev.readCached?.(dst, pos)) return cb(n);
+        if (dev.readCached?.(dst, pos)) {
+          direct?.learn(pos, n);
+          return cb(n);
+        }
       } catch (err) {
         return cb(errno(err, 'read', path));
       }
       dev.read(dst, pos).then(
-        () => cb(n),
+        () => {
+          direct?.learn(pos, n);
+          cb(n);
+        },
         (err) => cb(errno(err, 'read', path)),
       );
     },

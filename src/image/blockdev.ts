@@ -17,6 +17,26 @@ export interface Extent {
   compressed?: boolean;
 }
 
+/**
+ * How a guest range is stored, as far as cached metadata tells without I/O: for a read path that
+ * answers reads without the engine (the FUSE layer's direct read map). `length` is how far the
+ * answer holds (> 0).
+ */
+export type PlainRun =
+  /** Host bytes of an open descriptor, host-contiguous; bytes past the file's end read as zeros. */
+  | { kind: 'data'; length: number; fd: number; hostOffset: number }
+  | { kind: 'zero'; length: number }
+  /** Anything else (compressed, metadata not cached, ...): only the engine can read it. */
+  | { kind: 'other'; length: number };
+
+/** Told about mapping changes, so that caches of plainRunCached() answers stay true. */
+export interface MappingObserver {
+  /** The mapping of guest bytes [offset, +length) changes; called before the change can be seen. */
+  changed(offset: number, length: number): void;
+  /** Host space that held guest data is being freed and may be reused once this returns. */
+  freeing(): void;
+}
+
 export interface BlockDevice {
   /** Virtual size in bytes. */
   readonly size: number;
@@ -31,6 +51,17 @@ export interface BlockDevice {
    * the Promise chain on the hot path of small reads (FUSE requests).
    */
   readCached?(buf: Uint8Array, offset: number): boolean;
+  /** Granule of plainRunCached() answers (the cluster size); present with it. */
+  readonly mapGranuleBytes?: number;
+  /** Guest bytes one metadata table maps (a qcow2 L2 table): a cheap unit to learn mappings in. */
+  readonly mapRegionBytes?: number;
+  /** See PlainRun; [offset, +maxLength) must lie inside size. */
+  plainRunCached?(offset: number, maxLength: number): PlainRun;
+  /**
+   * Registers the one observer of mapping changes (null removes it). A writable device without
+   * this method must not have its plainRunCached() answers cached.
+   */
+  observeMappings?(obs: MappingObserver | null): void;
   write(buf: Uint8Array, offset: number): Promise<void>;
   discard(offset: number, length: number): Promise<void>;
   /** Grows (or, where allowed, shrinks) the virtual size; absent when the device cannot. */

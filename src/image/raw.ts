@@ -1,8 +1,8 @@
 /** A raw image file as a BlockDevice: guest offset = file offset. */
-import type { BlockDevice, Extent } from './blockdev';
+import type { BlockDevice, Extent, MappingObserver, PlainRun } from './blockdev';
 import { checkRange } from './blockdev';
 import { ReadOnlyError } from '../errors';
-import type { HostFile } from '../io/file';
+import { FdFile, type HostFile } from '../io/file';
 
 export class RawImage implements BlockDevice {
   readonly description: string;
@@ -29,6 +29,20 @@ export class RawImage implements BlockDevice {
   readCached(buf: Uint8Array, offset: number): boolean {
     checkRange(this, offset, buf.length);
     return this.file.preadCached?.(buf, offset) ?? false;
+  }
+
+  get mapGranuleBytes(): number {
+    return 65536;
+  }
+
+  /** Guest offset = file offset, always: the mapping never changes. */
+  plainRunCached(offset: number, maxLength: number): PlainRun {
+    checkRange(this, offset, maxLength);
+    return this.file instanceof FdFile ? { kind: 'data', length: maxLength, fd: this.file.fd, hostOffset: offset } : { kind: 'other', length: maxLength };
+  }
+
+  observeMappings(_obs: MappingObserver | null): void {
+    // Nothing to tell: writes never move data.
   }
 
   async write(buf: Uint8Array, offset: number): Promise<void> {

@@ -6,7 +6,7 @@
  */
 import { Qcow2Image } from '../qcow2/image';
 import type { SnapshotEntry } from '../qcow2/snapshot';
-import type { BlockDevice, Extent } from './blockdev';
+import type { BlockDevice, Extent, PlainRun } from './blockdev';
 import type { OpenedImage } from './open';
 
 /** L2 cache per snapshot view: snapshots are browsed, not hammered, and there may be many. */
@@ -34,6 +34,15 @@ class BorrowedDevice implements BlockDevice {
   }
   readCached(buf: Uint8Array, offset: number): boolean {
     return this.inner.readCached(buf, offset);
+  }
+  get mapGranuleBytes(): number {
+    return this.inner.mapGranuleBytes;
+  }
+  get mapRegionBytes(): number {
+    return this.inner.mapRegionBytes;
+  }
+  plainRunCached(offset: number, maxLength: number): PlainRun {
+    return this.inner.plainRunCached(offset, maxLength);
   }
   write(buf: Uint8Array, offset: number): Promise<void> {
     return this.inner.write(buf, offset);

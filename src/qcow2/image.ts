@@ -3,7 +3,7 @@
  * with `snapshot`, a read-only view through a snapshot's L1 table. Unallocated ranges come from
  * the backing device, or read as zeros.
  */
-import type { BlockDevice, Extent } from '../image/blockdev';
+import type { BlockDevice, Extent, MappingObserver, PlainRun } from '../image/blockdev';
 import { checkRange } from '../image/blockdev';
 import { CorruptionError, ImageError, ReadOnlyError } from '../errors';
 import { FdFile, type HostFile } from '../io/file';
@@ -56,6 +56,8 @@ export class Qcow2Image implements BlockDevice {
   private closed = false;
   /** The write path; null on read-only opens. */
   readonly writer: Qcow2Writer | null;
+  /** Told by the writer before a mapping changes (see plainRunCached). */
+  mappingObserver: MappingObserver | null = null;
 
   private constructor(
     readonly file: HostFile,
@@ -281,6 +283,46 @@ export class Qcow2Image implements BlockDevice {
       pos += m.length;
     }
     return true;
+  }
+
+  get mapGranuleBytes(): number {
+    return this.geometry.clusterSize;
+  }
+
+  get mapRegionBytes(): number {
+    return this.geometry.clusterSize * this.geometry.l2Entries;
+  }
+
+  /**
+   * What lookupCached() says about [offset, +maxLength), reduced to "host bytes of a descriptor",
+   * "zeros" or "other"; unallocated ranges ask the backing device the same. Never does I/O.
+   * Throws CorruptionError on a bad L2 entry, as a read would.
+   */
+  plainRunCached(offset: number, maxLength: number): PlainRun {
+    checkRange(this, offset, maxLength);
+    const m = this.mapper.lookupCached(this.l1, offset, maxLength);
+    if (m === undefined) {
+      const perTable = this.geometry.clusterSize * this.geometry.l2Entries;
+      return { kind: 'other', length: Math.min(maxLength, perTable - (offset % perTable)) };
+    }
+    switch (m.kind) {
+      case 'data':
+        return this.file instanceof FdFile ? { kind: 'data', length: m.length, fd: this.file.fd, hostOffset: m.hostOffset } : { kind: 'other', length: m.length };
+      case 'zero':
+        return { kind: 'zero', length: m.length };
+      case 'compressed':
+        return { kind: 'other', length: m.length };
+      case 'unallocated': {
+        const b = this.backing;
+        if (b === null || offset >= b.size) return { kind: 'zero', length: m.length };
+        const inBacking = Math.min(m.length, b.size - offset);
+        return b.plainRunCached ? b.plainRunCached(offset, inBacking) : { kind: 'other', length: inBacking };
+      }
+    }
+  }
+
+  observeMappings(obs: MappingObserver | null): void {
+    this.mappingObserver = obs;
   }
 
   async read(buf: Uint8Array, offset: number): Promise<void> {

@@ -590,6 +590,24 @@ export class Qcow2Writer {
   /** Step C (lock held): publish the new mappings. */
   private async commit(l1Index: number, jobs: ClusterJob[]): Promise<void> {
     const table = await this.writableL2(l1Index);
+    // Caches of mappings (the FUSE layer's direct read map) forget these clusters first; before
+    // host clusters are freed, no read that may still use their old mapping may be running.
+    const obs = this.img.mappingObserver;
+    if (obs) {
+      let first = -1;
+      let last = -1;
+      let frees = false;
+      for (const j of jobs) {
+        if (!j.updateEntry) continue;
+        if (first < 0 || j.l2Index < first) first = j.l2Index;
+        if (j.l2Index > last) last = j.l2Index;
+        if (j.frees.length > 0) frees = true;
+      }
+      if (first >= 0) {
+        obs.changed((l1Index * this.img.geometry.l2Entries + first) * this.cs, (last - first + 1) * this.cs);
+        if (frees) obs.freeing();
+      }
+    }
     for (const j of jobs) {
       if (!j.updateEntry) continue;
       let zeroBits = j.zeroBits;

@@ -20,6 +20,7 @@
 #include <errno.h>
 #include <stdint.h>
 #include <sys/uio.h>
+#include <sched.h>
 #include <fuse_kernel.h>
 
 static int IS_ARRAY_BUFFER_DETACH_SUPPORTED = 0;
@@ -121,6 +122,34 @@ static const uint32_t op_rmdir = 33;
 
 // Data structures
 
+/*
+ * qcow2fs: a direct read map (see qcow2fs_fast_read). A direct-mapped table of guest clusters of
+ * one file of the mount, each either "host bytes at (fd, host offset)" or "zeros", filled and
+ * invalidated by the JS engine (the only writer; the JS thread), read by libfuse's worker
+ * threads. Each slot is a seqlock: the writer makes seq odd, changes the slot, makes it even.
+ */
+#define QCOW2FS_MAX_FASTMAPS 16
+
+typedef struct {
+  uint32_t seq;
+  int32_t fd;     // -1: the cluster reads as zeros
+  uint64_t key;   // guest cluster index + 1; 0: empty
+  uint64_t host;  // host offset of the cluster's first byte
+} qcow2fs_slot_t;
+
+typedef struct {
+  char path[1024];
+  uint32_t cluster_bits;
+  uint64_t slot_mask;
+  qcow2fs_slot_t *slots;
+  uint64_t size;       // bytes; reads past it go to JS (atomic)
+  uint32_t readers;    // fast reads in progress (atomic)
+  uint32_t blocked;    // set while JS waits for readers to drain (atomic)
+  uint32_t disabled;   // detached: every read goes to JS (atomic)
+  uint64_t hits;       // reads answered here (atomic, relaxed)
+  uint64_t misses;     // reads handed to JS (atomic, relaxed)
+} qcow2fs_fastmap_t;
+
 typedef struct {
   napi_env env;
   pthread_t thread;
@@ -147,6 +176,10 @@ typedef struct {
   uint64_t init_unique;
   uint32_t kernel_flags;
   uint32_t init_flags_sent;
+
+  // qcow2fs: direct read maps, one per file that has one (published with a release store).
+  qcow2fs_fastmap_t *fastmaps[QCOW2FS_MAX_FASTMAPS];
+  uint32_t n_fastmaps;
 } fuse_thread_t;
 
 typedef struct {
@@ -967,6 +1000,266 @@ static struct fuse_chan_ops qcow2fs_chan_ops = {
 };
 
 // INIT flags sent to the kernel (after the qcow2fs amendments), 0 before INIT was answered.
+
+/*
+ * qcow2fs: reads answered on libfuse's worker thread, without waking the JS thread.
+ *
+ * Every FUSE request otherwise costs four thread wake-ups (kernel -> worker -> JS thread ->
+ * worker -> kernel). For a read whose guest clusters all have a valid slot in the file's direct
+ * read map, the worker does the preads itself (host-contiguous clusters merged into one) and
+ * answers: two wake-ups, as in QEMU's own FUSE export. Anything else (a slot missing or being
+ * changed, compressed clusters, a range past the file's size, an I/O error) goes to JS as before,
+ * so the JS engine stays the one that decides: the map only caches its answers.
+ *
+ * Freed host clusters: JS invalidates a slot before the mapping changes, and before a host
+ * cluster can be reused it calls quiesce, which waits until no fast read that may have seen the
+ * old slot is still running (readers count, blocked flag: a reader counts itself, then checks
+ * blocked; JS sets blocked, then waits for the count to drop to zero).
+ */
+static int qcow2fs_slot_get (qcow2fs_fastmap_t *m, uint64_t cluster, int32_t *fd, uint64_t *host) {
+  qcow2fs_slot_t *s = &m->slots[cluster & m->slot_mask];
+  uint32_t s1 = __atomic_load_n(&s->seq, __ATOMIC_ACQUIRE);
+  if (s1 & 1) return 0;
+  uint64_t key = __atomic_load_n(&s->key, __ATOMIC_RELAXED);
+  int32_t f = __atomic_load_n(&s->fd, __ATOMIC_RELAXED);
+  uint64_t h = __atomic_load_n(&s->host, __ATOMIC_RELAXED);
+  __atomic_thread_fence(__ATOMIC_ACQUIRE);
+  uint32_t s2 = __atomic_load_n(&s->seq, __ATOMIC_RELAXED);
+  if (s1 != s2 || key != cluster + 1) return 0;
+  *fd = f;
+  *host = h;
+  return 1;
+}
+
+static void qcow2fs_slot_set (qcow2fs_fastmap_t *m, uint64_t cluster, int32_t fd, uint64_t host, int valid) {
+  qcow2fs_slot_t *s = &m->slots[cluster & m->slot_mask];
+  uint32_t seq = __atomic_load_n(&s->seq, __ATOMIC_RELAXED);
+  if (!valid) {
+    // Only clear a slot that holds this cluster: another cluster's entry stays.
+    if (__atomic_load_n(&s->key, __ATOMIC_RELAXED) != cluster + 1) return;
+  }
+  __atomic_store_n(&s->seq, seq + 1, __ATOMIC_RELAXED);
+  __atomic_thread_fence(__ATOMIC_RELEASE);
+  __atomic_store_n(&s->key, valid ? cluster + 1 : 0, __ATOMIC_RELAXED);
+  __atomic_store_n(&s->fd, fd, __ATOMIC_RELAXED);
+  __atomic_store_n(&s->host, host, __ATOMIC_RELAXED);
+  __atomic_store_n(&s->seq, seq + 2, __ATOMIC_RELEASE);
+}
+
+// Reads len bytes at host of fd into dst (fd -1: zeros); bytes past the end of the file read as
+// zeros, as the JS engine reads them. 0 on an error (the request then goes to JS).
+static int qcow2fs_run_read (int32_t fd, char *dst, size_t len, uint64_t host) {
+  if (len == 0) return 1;
+  if (fd < 0) {
+    memset(dst, 0, len);
+    return 1;
+  }
+  size_t done = 0;
+  while (done < len) {
+    ssize_t n = pread(fd, dst + done, len - done, (off_t) (host + done));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return 0;
+    }
+    if (n == 0) {
+      memset(dst + done, 0, len - done);
+      return 1;
+    }
+    done += (size_t) n;
+  }
+  return 1;
+}
+
+static int qcow2fs_fast_read (qcow2fs_fastmap_t *m, char *buf, size_t len, off_t offset) {
+  if (len == 0 || offset < 0 || len > INT32_MAX) return -1;
+  __atomic_add_fetch(&m->readers, 1, __ATOMIC_SEQ_CST);
+  int res = -1;
+  if (__atomic_load_n(&m->blocked, __ATOMIC_SEQ_CST) || __atomic_load_n(&m->disabled, __ATOMIC_SEQ_CST)) goto out;
+  uint64_t size = __atomic_load_n(&m->size, __ATOMIC_ACQUIRE);
+  uint64_t pos = (uint64_t) offset;
+  uint64_t end = pos + len;
+  if (end > size) goto out;
+  uint32_t cb = m->cluster_bits;
+  uint64_t cs = 1ull << cb;
+  int32_t run_fd = -2;
+  uint64_t run_host = 0;
+  size_t run_len = 0;
+  char *run_dst = buf;
+  while (pos < end) {
+    uint64_t in = pos & (cs - 1);
+    uint64_t n = cs - in;
+    if (n > end - pos) n = end - pos;
+    int32_t fd;
+    uint64_t host;
+    if (!qcow2fs_slot_get(m, pos >> cb, &fd, &host)) goto out;
+    if (fd == run_fd && (fd < 0 || host + in == run_host + run_len)) {
+      run_len += n;
+    } else {
+      if (!qcow2fs_run_read(run_fd, run_dst, run_len, run_host)) goto out;
+      run_fd = fd;
+      run_host = host + in;
+      run_len = n;
+      run_dst = buf + (pos - (uint64_t) offset);
+    }
+    pos += n;
+  }
+  if (!qcow2fs_run_read(run_fd, run_dst, run_len, run_host)) goto out;
+  res = (int) len;
+out:
+  __atomic_sub_fetch(&m->readers, 1, __ATOMIC_SEQ_CST);
+  if (res >= 0) __atomic_add_fetch(&m->hits, 1, __ATOMIC_RELAXED);
+  else __atomic_add_fetch(&m->misses, 1, __ATOMIC_RELAXED);
+  return res;
+}
+
+static int qcow2fs_read (const char *path, char *buf, size_t len, off_t offset, struct fuse_file_info *info) {
+  fuse_thread_t *ft = (fuse_thread_t *) fuse_get_context()->private_data;
+  uint32_t n = __atomic_load_n(&ft->n_fastmaps, __ATOMIC_ACQUIRE);
+  for (uint32_t i = 0; i < n; i++) {
+    qcow2fs_fastmap_t *m = ft->fastmaps[i];
+    if (strcmp(m->path, path) != 0) continue;
+    int res = qcow2fs_fast_read(m, buf, len, offset);
+    if (res >= 0) return res;
+    break;
+  }
+  return fuse_native_read(path, buf, len, offset, info);
+}
+
+static napi_value qcow2fs_int32 (napi_env env, int32_t v) {
+  napi_value r;
+  napi_create_int32(env, v, &r);
+  return r;
+}
+
+static qcow2fs_fastmap_t *qcow2fs_fastmap_of (fuse_thread_t *ft, uint32_t index) {
+  uint32_t n = __atomic_load_n(&ft->n_fastmaps, __ATOMIC_ACQUIRE);
+  return index < n ? ft->fastmaps[index] : NULL;
+}
+
+// fastmap_attach(thread, path, clusterBits, slotBits, size) -> index (or -1)
+NAPI_METHOD(qcow2fs_fastmap_attach) {
+  NAPI_ARGV(5)
+  NAPI_ARGV_BUFFER_CAST(fuse_thread_t *, ft, 0);
+  NAPI_ARGV_UTF8(path, 1024, 1);
+  NAPI_ARGV_UINT32(cluster_bits, 2);
+  NAPI_ARGV_UINT32(slot_bits, 3);
+  double size;
+  napi_get_value_double(env, argv[4], &size);
+  uint32_t n = ft->n_fastmaps;
+  if (n >= QCOW2FS_MAX_FASTMAPS || cluster_bits < 9 || cluster_bits > 30 || slot_bits > 24) return qcow2fs_int32(env, -1);
+  qcow2fs_fastmap_t *m = calloc(1, sizeof(qcow2fs_fastmap_t));
+  if (m == NULL) return qcow2fs_int32(env, -1);
+  m->slots = calloc((size_t) 1 << slot_bits, sizeof(qcow2fs_slot_t));
+  if (m->slots == NULL) {
+    free(m);
+    return qcow2fs_int32(env, -1);
+  }
+  snprintf(m->path, sizeof(m->path), "%s", path);
+  m->cluster_bits = cluster_bits;
+  m->slot_mask = ((uint64_t) 1 << slot_bits) - 1;
+  m->size = size > 0 ? (uint64_t) size : 0;
+  ft->fastmaps[n] = m;
+  __atomic_store_n(&ft->n_fastmaps, n + 1, __ATOMIC_RELEASE);
+  return qcow2fs_int32(env, (int32_t) n);
+}
+
+// fastmap_publish(thread, index, Float64Array [cluster, fd, host, ...], count): fd -1 = zeros.
+NAPI_METHOD(qcow2fs_fastmap_publish) {
+  NAPI_ARGV(4)
+  NAPI_ARGV_BUFFER_CAST(fuse_thread_t *, ft, 0);
+  NAPI_ARGV_UINT32(index, 1);
+  NAPI_ARGV_UINT32(count, 3);
+  qcow2fs_fastmap_t *m = qcow2fs_fastmap_of(ft, index);
+  if (m == NULL) return NULL;
+  napi_typedarray_type type;
+  size_t length;
+  void *data;
+  napi_value ab;
+  size_t byte_offset;
+  if (napi_get_typedarray_info(env, argv[2], &type, &length, &data, &ab, &byte_offset) != napi_ok || type != napi_float64_array) return NULL;
+  if ((size_t) count * 3 > length) count = (uint32_t) (length / 3);
+  double *t = (double *) data;
+  for (uint32_t i = 0; i < count; i++) {
+    qcow2fs_slot_set(m, (uint64_t) t[i * 3], (int32_t) t[i * 3 + 1], (uint64_t) t[i * 3 + 2], 1);
+  }
+  return NULL;
+}
+
+// fastmap_invalidate(thread, index, firstCluster, count); count -1: every slot.
+NAPI_METHOD(qcow2fs_fastmap_invalidate) {
+  NAPI_ARGV(4)
+  NAPI_ARGV_BUFFER_CAST(fuse_thread_t *, ft, 0);
+  NAPI_ARGV_UINT32(index, 1);
+  double first, count;
+  napi_get_value_double(env, argv[2], &first);
+  napi_get_value_double(env, argv[3], &count);
+  qcow2fs_fastmap_t *m = qcow2fs_fastmap_of(ft, index);
+  if (m == NULL) return NULL;
+  if (count < 0 || count > (double) m->slot_mask) {
+    for (uint64_t i = 0; i <= m->slot_mask; i++) {
+      qcow2fs_slot_t *s = &m->slots[i];
+      if (__atomic_load_n(&s->key, __ATOMIC_RELAXED) != 0) qcow2fs_slot_set(m, __atomic_load_n(&s->key, __ATOMIC_RELAXED) - 1, -1, 0, 0);
+    }
+    return NULL;
+  }
+  for (uint64_t c = (uint64_t) first; c < (uint64_t) first + (uint64_t) count; c++) qcow2fs_slot_set(m, c, -1, 0, 0);
+  return NULL;
+}
+
+// fastmap_quiesce(thread, index): returns once no fast read that started before it still runs.
+NAPI_METHOD(qcow2fs_fastmap_quiesce) {
+  NAPI_ARGV(2)
+  NAPI_ARGV_BUFFER_CAST(fuse_thread_t *, ft, 0);
+  NAPI_ARGV_UINT32(index, 1);
+  qcow2fs_fastmap_t *m = qcow2fs_fastmap_of(ft, index);
+  if (m == NULL) return NULL;
+  __atomic_store_n(&m->blocked, 1, __ATOMIC_SEQ_CST);
+  while (__atomic_load_n(&m->readers, __ATOMIC_SEQ_CST) != 0) sched_yield();
+  __atomic_store_n(&m->blocked, 0, __ATOMIC_SEQ_CST);
+  return NULL;
+}
+
+// fastmap_set_size(thread, index, size)
+NAPI_METHOD(qcow2fs_fastmap_set_size) {
+  NAPI_ARGV(3)
+  NAPI_ARGV_BUFFER_CAST(fuse_thread_t *, ft, 0);
+  NAPI_ARGV_UINT32(index, 1);
+  double size;
+  napi_get_value_double(env, argv[2], &size);
+  qcow2fs_fastmap_t *m = qcow2fs_fastmap_of(ft, index);
+  if (m == NULL) return NULL;
+  __atomic_store_n(&m->size, size > 0 ? (uint64_t) size : 0, __ATOMIC_RELEASE);
+  return NULL;
+}
+
+// fastmap_disable(thread, index): every later read goes to JS; returns once running ones ended.
+NAPI_METHOD(qcow2fs_fastmap_disable) {
+  NAPI_ARGV(2)
+  NAPI_ARGV_BUFFER_CAST(fuse_thread_t *, ft, 0);
+  NAPI_ARGV_UINT32(index, 1);
+  qcow2fs_fastmap_t *m = qcow2fs_fastmap_of(ft, index);
+  if (m == NULL) return NULL;
+  __atomic_store_n(&m->disabled, 1, __ATOMIC_SEQ_CST);
+  while (__atomic_load_n(&m->readers, __ATOMIC_SEQ_CST) != 0) sched_yield();
+  return NULL;
+}
+
+// fastmap_stats(thread, index) -> [hits, misses]
+NAPI_METHOD(qcow2fs_fastmap_stats) {
+  NAPI_ARGV(2)
+  NAPI_ARGV_BUFFER_CAST(fuse_thread_t *, ft, 0);
+  NAPI_ARGV_UINT32(index, 1);
+  qcow2fs_fastmap_t *m = qcow2fs_fastmap_of(ft, index);
+  napi_value arr;
+  napi_create_array_with_length(env, 2, &arr);
+  napi_value v;
+  napi_create_double(env, m ? (double) __atomic_load_n(&m->hits, __ATOMIC_RELAXED) : 0, &v);
+  napi_set_element(env, arr, 0, v);
+  napi_create_double(env, m ? (double) __atomic_load_n(&m->misses, __ATOMIC_RELAXED) : 0, &v);
+  napi_set_element(env, arr, 1, v);
+  return arr;
+}
+
 NAPI_METHOD(fuse_native_init_flags) {
   NAPI_ARGV(1)
   NAPI_ARGV_BUFFER_CAST(fuse_thread_t *, ft, 0);
@@ -1015,7 +1308,7 @@ NAPI_METHOD(fuse_native_mount) {
   if (implemented[op_statfs]) ops.statfs = fuse_native_statfs;
   if (implemented[op_open]) ops.open = fuse_native_open;
   if (implemented[op_opendir]) ops.opendir = fuse_native_opendir;
-  if (implemented[op_read]) ops.read = fuse_native_read;
+  if (implemented[op_read]) ops.read = qcow2fs_read;
   if (implemented[op_write]) ops.write = fuse_native_write;
   if (implemented[op_release]) ops.release = fuse_native_release;
   if (implemented[op_releasedir]) ops.releasedir = fuse_native_releasedir;
@@ -1127,6 +1420,13 @@ NAPI_INIT() {
   NAPI_EXPORT_FUNCTION(fuse_native_mount)
   NAPI_EXPORT_FUNCTION(fuse_native_init_flags)
   NAPI_EXPORT_UINT32(qcow2fs_patched)
+  NAPI_EXPORT_FUNCTION(qcow2fs_fastmap_attach)
+  NAPI_EXPORT_FUNCTION(qcow2fs_fastmap_publish)
+  NAPI_EXPORT_FUNCTION(qcow2fs_fastmap_invalidate)
+  NAPI_EXPORT_FUNCTION(qcow2fs_fastmap_quiesce)
+  NAPI_EXPORT_FUNCTION(qcow2fs_fastmap_set_size)
+  NAPI_EXPORT_FUNCTION(qcow2fs_fastmap_disable)
+  NAPI_EXPORT_FUNCTION(qcow2fs_fastmap_stats)
   NAPI_EXPORT_FUNCTION(fuse_native_unmount)
 
   NAPI_EXPORT_FUNCTION(fuse_native_signal_getattr)

@@ -223,6 +223,22 @@ class Fuse extends Nanoresource {
     return binding.fuse_native_init_flags && this._thread ? binding.fuse_native_init_flags(this._thread) : 0
   }
 
+  // qcow2fs: the native side of direct read maps (see fuse-native.c, qcow2fs_fast_read), bound to
+  // this mount; null with the stock binary or before mounting.
+  directReadMaps () {
+    if (!binding.qcow2fs_fastmap_attach || !this._thread) return null
+    const t = this._thread
+    return {
+      attach: (path, clusterBits, slotBits, size) => binding.qcow2fs_fastmap_attach(t, path, clusterBits, slotBits, size),
+      publish: (index, triples, count) => binding.qcow2fs_fastmap_publish(t, index, triples, count),
+      invalidate: (index, firstCluster, count) => binding.qcow2fs_fastmap_invalidate(t, index, firstCluster, count),
+      quiesce: (index) => binding.qcow2fs_fastmap_quiesce(t, index),
+      setSize: (index, size) => binding.qcow2fs_fastmap_set_size(t, index, size),
+      disable: (index) => binding.qcow2fs_fastmap_disable(t, index),
+      stats: (index) => binding.qcow2fs_fastmap_stats(t, index)
+    }
+  }
+
   static get patched () {
     return binding.qcow2fs_patched === 1
   }

@@ -1,0 +1,159 @@
+/**
+ * Direct read maps: reads answered by the binding's worker threads without the JS thread.
+ *
+ * A FUSE request normally wakes four threads (kernel -> libfuse worker -> JS -> worker ->
+ * kernel); QEMU's export wakes two. The vendored binding (vendor/fuse-native, qcow2fs_fast_read)
+ * keeps, per raw file, a direct-mapped table of guest clusters: "host bytes of descriptor fd at
+ * this offset" or "zeros". A read whose clusters all have a slot is answered on the worker with
+ * pread (contiguous clusters merged); any other read goes to the engine as before.
+ *
+ * The map only caches the engine's answers (BlockDevice.plainRunCached, from cached metadata):
+ *  - after the engine has served a read, the clusters it touched are published; the first time
+ *    a region is read through the engine, the whole region is (what one L2 table maps, at most
+ *    WINDOW_CLUSTERS clusters), so random reads stop missing after one read per region;
+ *  - the engine's writer tells the device's MappingObserver before a mapping changes
+ *    (invalidate) and before host clusters are freed (quiesce: wait for direct reads that may
+ *    have seen the old slot), so a direct read never sees a stale or reused host cluster;
+ *  - only devices that are read-only or report their mapping changes get a map.
+ * QCOW2FS_NO_DIRECT_READ=1 turns it off (A/B measurements, debugging).
+ */
+import type FuseTypes from 'fuse-native';
+import type { BlockDevice, MappingObserver } from '../image/blockdev';
+import { log } from '../log';
+
+/** Slots per map at most (24 bytes each, touched lazily): 2^18 covers 16 GiB of 64 KiB clusters. */
+const MAX_SLOT_BITS = 18;
+/** Clusters published at once when a region is first read through the engine. */
+const WINDOW_CLUSTERS = 8192;
+/** Triples [cluster, fd, host] per native publish call. */
+const BATCH = 1024;
+
+export class DirectReadMap implements MappingObserver {
+  private readonly clusterSize: number;
+  private readonly windowBytes: number;
+  /** Regions (of windowBytes) already published whole since the last full invalidation. */
+  private readonly published = new Set<number>();
+  private readonly triples = new Float64Array(BATCH * 3);
+  private pending = 0;
+  private closed = false;
+
+  private constructor(
+    private readonly native: FuseTypes.DirectReadMapsNative,
+    private readonly index: number,
+    private readonly dev: BlockDevice,
+    readonly path: string,
+    clusterBits: number,
+  ) {
+    this.clusterSize = 2 ** clusterBits;
+    this.windowBytes = Math.min(this.clusterSize * WINDOW_CLUSTERS, dev.mapRegionBytes ?? Infinity);
+  }
+
+  /** A map for the raw file at `path` of a mounted Fuse, or null (stock binding, unsuitable device, turned off). */
+  static attach(fuse: FuseTypes, path: string, dev: BlockDevice, observed: Set<BlockDevice>): DirectReadMap | null {
+    if (process.env.QCOW2FS_NO_DIRECT_READ !== undefined) return null;
+    const native = fuse.directReadMaps?.() ?? null;
+    if (native === null || !dev.plainRunCached || !dev.mapGranuleBytes) return null;
+    // A writable device has one observer: a second path to it goes through the engine only.
+    if (!dev.readOnly && (!dev.observeMappings || observed.has(dev))) return null;
+    const clusterBits = Math.log2(dev.mapGranuleBytes);
+    if (!Number.isInteger(clusterBits) || clusterBits < 9 || clusterBits > 30) return null;
+    const clusters = Math.max(1, Math.ceil(dev.size / dev.mapGranuleBytes));
+    const slotBits = Math.min(MAX_SLOT_BITS, Math.max(4, Math.ceil(Math.log2(clusters))));
+    const index = native.attach(path, clusterBits, slotBits, dev.size);
+    if (index < 0) return null;
+    const map = new DirectReadMap(native, index, dev, path, clusterBits);
+    dev.observeMappings?.(map);
+    observed.add(dev);
+    log.debug({ path, clusterBits, slotBits }, 'direct read map attached');
+    return map;
+  }
+
+  /**
+   * After the engine served [offset, +length): publish what cached metadata says about those
+   * clusters, or about their whole region the first time it is read.
+   */
+  learn(offset: number, length: number): void {
+    if (this.closed || length <= 0) return;
+    const region = Math.floor(offset / this.windowBytes);
+    if (!this.published.has(region)) {
+      this.published.add(region);
+      this.publishRange(region * this.windowBytes, Math.min(this.dev.size, (region + 1) * this.windowBytes));
+    }
+    const cs = this.clusterSize;
+    this.publishRange(Math.floor(offset / cs) * cs, Math.min(this.dev.size, Math.ceil((offset + length) / cs) * cs));
+  }
+
+  /** Publishes every cluster of [start, end) (start cluster-aligned) that one plain run covers whole. */
+  private publishRange(start: number, end: number): void {
+    const dev = this.dev;
+    const cs = this.clusterSize;
+    const size = dev.size;
+    let pos = start;
+    try {
+      while (pos < end) {
+        const run = dev.plainRunCached!(pos, end - pos);
+        if (!(run.length > 0)) break;
+        const runEnd = pos + run.length;
+        if (run.kind !== 'other') {
+          // Clusters that start inside the run and end inside it (or at the device's end).
+          for (let c = Math.ceil(pos / cs); c * cs < runEnd && Math.min((c + 1) * cs, size) <= runEnd; c++) {
+            if (run.kind === 'data') this.emit(c, run.fd, run.hostOffset + (c * cs - pos));
+            else this.emit(c, -1, 0);
+          }
+        }
+        pos = runEnd;
+      }
+    } catch {
+      // A corrupt entry: the engine reports it when that range is read; publish nothing more.
+    }
+    this.flushEmits();
+  }
+
+  private emit(cluster: number, fd: number, host: number): void {
+    const t = this.triples;
+    const i = this.pending * 3;
+    t[i] = cluster;
+    t[i + 1] = fd;
+    t[i + 2] = host;
+    if (++this.pending === BATCH) this.flushEmits();
+  }
+
+  private flushEmits(): void {
+    if (this.pending === 0) return;
+    this.native.publish(this.index, this.triples, this.pending);
+    this.pending = 0;
+  }
+
+  // MappingObserver (called by the engine's writer, on the JS thread)
+
+  changed(offset: number, length: number): void {
+    if (this.closed) return;
+    const first = Math.floor(offset / this.clusterSize);
+    const last = Math.ceil((offset + length) / this.clusterSize);
+    this.native.invalidate(this.index, first, last - first);
+  }
+
+  freeing(): void {
+    if (!this.closed) this.native.quiesce(this.index);
+  }
+
+  /** The device's size changed (truncate of the raw file). */
+  resized(): void {
+    if (!this.closed) this.native.setSize(this.index, this.dev.size);
+  }
+
+  /** [reads answered natively, reads handed to the engine]. */
+  stats(): [number, number] {
+    return this.native.stats(this.index);
+  }
+
+  /** Before the device closes: no direct read runs or starts any more. */
+  close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    this.native.disable(this.index);
+    this.dev.observeMappings?.(null);
+    const [hits, misses] = this.stats();
+    log.debug({ path: this.path, hits, misses }, 'direct read map closed');
+  }
+}
