@@ -15,6 +15,10 @@
  *    (invalidate) and before host clusters are freed (quiesce: wait for direct reads that may
  *    have seen the old slot), so a direct read never sees a stale or reused host cluster;
  *  - only devices that are read-only or report their mapping changes get a map.
+ * Writes work the same way: a slot may say "writable" (a cluster the active layer owns, which
+ * the engine itself would write in place); a write whose clusters all are is done on the worker
+ * with pwrite, and counted; the count reaches the device (noteExternalWrites) before every
+ * flush/fsync, so the flush syncs them.
  * QCOW2FS_NO_DIRECT_READ=1 turns it off (A/B measurements, debugging).
  */
 import type FuseTypes from 'fuse-native';
@@ -27,12 +31,17 @@ const MAX_SLOT_BITS = 18;
 const WINDOW_CLUSTERS = 8192;
 /** Triples [cluster, fd, host] per native publish call. */
 const BATCH = 1024;
+/** Flag added to a slot's fd: writes may go to the same host bytes (see PlainRun.writable). */
+const SLOT_WRITABLE = 0x40000000;
 
 export class DirectReadMap implements MappingObserver {
   private readonly clusterSize: number;
   private readonly windowBytes: number;
-  /** Regions (of windowBytes) already published whole since the last full invalidation. */
+  /** Regions (of windowBytes) already published whole after a read, and after a write. */
   private readonly published = new Set<number>();
+  private readonly publishedForWrites = new Set<number>();
+  /** The binding's count of writes it did itself, as last passed on to the device. */
+  private nativeWrites = 0;
   private readonly triples = new Float64Array(BATCH * 3);
   private pending = 0;
   private closed = false;
@@ -53,6 +62,8 @@ export class DirectReadMap implements MappingObserver {
     if (process.env.QCOW2FS_NO_DIRECT_READ !== undefined) return null;
     const native = fuse.directReadMaps?.() ?? null;
     if (native === null || !dev.plainRunCached || !dev.mapGranuleBytes) return null;
+    // Writes the binding does itself must reach the device's flush.
+    if (!dev.readOnly && !dev.noteExternalWrites) return null;
     // A writable device has one observer: a second path to it goes through the engine only.
     if (!dev.readOnly && (!dev.observeMappings || observed.has(dev))) return null;
     const clusterBits = Math.log2(dev.mapGranuleBytes);
@@ -72,11 +83,13 @@ export class DirectReadMap implements MappingObserver {
    * After the engine served [offset, +length): publish what cached metadata says about those
    * clusters, or about their whole region the first time it is read.
    */
-  learn(offset: number, length: number): void {
+  learn(offset: number, length: number, afterWrite = false): void {
     if (this.closed || length <= 0) return;
     const region = Math.floor(offset / this.windowBytes);
-    if (!this.published.has(region)) {
-      this.published.add(region);
+    // After the first write of a region its clusters may have become writable in place: again.
+    const seen = afterWrite ? this.publishedForWrites : this.published;
+    if (!seen.has(region)) {
+      seen.add(region);
       this.publishRange(region * this.windowBytes, Math.min(this.dev.size, (region + 1) * this.windowBytes));
     }
     const cs = this.clusterSize;
@@ -97,7 +110,7 @@ export class DirectReadMap implements MappingObserver {
         if (run.kind !== 'other') {
           // Clusters that start inside the run and end inside it (or at the device's end).
           for (let c = Math.ceil(pos / cs); c * cs < runEnd && Math.min((c + 1) * cs, size) <= runEnd; c++) {
-            if (run.kind === 'data') this.emit(c, run.fd, run.hostOffset + (c * cs - pos));
+            if (run.kind === 'data') this.emit(c, run.writable ? run.fd + SLOT_WRITABLE : run.fd, run.hostOffset + (c * cs - pos));
             else this.emit(c, -1, 0);
           }
         }
@@ -142,18 +155,31 @@ export class DirectReadMap implements MappingObserver {
     if (!this.closed) this.native.setSize(this.index, this.dev.size);
   }
 
-  /** [reads answered natively, reads handed to the engine]. */
-  stats(): [number, number] {
+  /** [reads answered natively, reads handed to the engine, writes done natively, writes handed to the engine]. */
+  stats(): [number, number, number, number] {
     return this.native.stats(this.index);
+  }
+
+  /**
+   * Passes writes the binding did itself on to the device (so its next flush syncs them); true
+   * if there were any since the last call. Before every flush/fsync, and for the file's mtime.
+   */
+  syncWrites(): boolean {
+    const writes = this.native.stats(this.index)[2];
+    if (writes === this.nativeWrites) return false;
+    this.nativeWrites = writes;
+    this.dev.noteExternalWrites?.();
+    return true;
   }
 
   /** Before the device closes: no direct read runs or starts any more. */
   close(): void {
     if (this.closed) return;
-    this.closed = true;
     this.native.disable(this.index);
+    this.syncWrites();
+    this.closed = true;
     this.dev.observeMappings?.(null);
-    const [hits, misses] = this.stats();
-    log.debug({ path: this.path, hits, misses }, 'direct read map closed');
+    const [hits, misses, writes, writeMisses] = this.stats();
+    log.debug({ path: this.path, hits, misses, writes, writeMisses }, 'direct read map closed');
   }
 }

@@ -78,8 +78,8 @@ declare module 'fuse-native' {
     setSize(index: number, sizeBytes: number): void;
     /** Every later read goes to JS; returns once running direct reads have ended. */
     disable(index: number): void;
-    /** [reads answered natively, reads handed to JS]. */
-    stats(index: number): [number, number];
+    /** [reads answered natively, reads handed to JS, writes done natively, writes handed to JS]. */
+    stats(index: number): [number, number, number, number];
   }
   }
   class Fuse {

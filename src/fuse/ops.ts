@@ -97,12 +97,21 @@ export function makeOps(layout: Layout, opts: OpsOptions, state: OpsState = { op
     );
   }
 
+  /** Writes the binding did itself reach the device (its flush syncs them) and the file's mtime. */
+  function syncDirectWrites(path: string): void {
+    if (state.directReads?.get(path)?.syncWrites()) {
+      const node = layout.lookup(path);
+      if (node) node.meta.mtime = node.meta.ctime = new Date();
+    }
+  }
+
   let nextHandle = 1;
 
   return {
     getattr(path, cb) {
       const node = layout.lookup(path);
       if (!node) return cb(Fuse.ENOENT);
+      if (node.kind === 'device' && !node.device.readOnly) syncDirectWrites(path);
       statOf(node).then(
         (st) => cb(0, st),
         (err) => cb(errno(err, 'getattr', path)),
@@ -168,6 +177,8 @@ export function makeOps(layout: Layout, opts: OpsOptions, state: OpsState = { op
         () => {
           const node = layout.lookup(path);
           if (node) node.meta.mtime = node.meta.ctime = new Date();
+          // The clusters may now be written in place: let the binding do the next writes itself.
+          state.directReads?.get(path)?.learn(pos, n, true);
           cb(n);
         },
         (err) => cb(errno(err, 'write', path)),
@@ -177,6 +188,7 @@ export function makeOps(layout: Layout, opts: OpsOptions, state: OpsState = { op
       // close(2) of a writer: make what it wrote durable, as fsync would.
       const dev = device(path);
       if (!dev || dev.readOnly) return cb(0);
+      syncDirectWrites(path);
       dev.flush().then(
         () => cb(0),
         (err) => cb(errno(err, 'flush', path)),
@@ -185,6 +197,7 @@ export function makeOps(layout: Layout, opts: OpsOptions, state: OpsState = { op
     fsync(path, _datasync, _fd, cb) {
       const dev = device(path);
       if (!dev || dev.readOnly) return cb(0);
+      syncDirectWrites(path);
       dev.flush().then(
         () => cb(0),
         (err) => cb(errno(err, 'fsync', path)),

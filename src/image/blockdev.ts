@@ -23,8 +23,11 @@ export interface Extent {
  * answer holds (> 0).
  */
 export type PlainRun =
-  /** Host bytes of an open descriptor, host-contiguous; bytes past the file's end read as zeros. */
-  | { kind: 'data'; length: number; fd: number; hostOffset: number }
+  /**
+   * Host bytes of an open descriptor, host-contiguous; bytes past the file's end read as zeros.
+   * `writable`: writes may go to the same host bytes, with nothing else to update.
+   */
+  | { kind: 'data'; length: number; fd: number; hostOffset: number; writable: boolean }
   | { kind: 'zero'; length: number }
   /** Anything else (compressed, metadata not cached, ...): only the engine can read it. */
   | { kind: 'other'; length: number };
@@ -62,6 +65,8 @@ export interface BlockDevice {
    * this method must not have its plainRunCached() answers cached.
    */
   observeMappings?(obs: MappingObserver | null): void;
+  /** Data was written to `writable` plainRunCached() ranges by someone else: flush() must sync it. */
+  noteExternalWrites?(): void;
   write(buf: Uint8Array, offset: number): Promise<void>;
   discard(offset: number, length: number): Promise<void>;
   /** Grows (or, where allowed, shrinks) the virtual size; absent when the device cannot. */

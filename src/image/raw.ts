@@ -38,11 +38,15 @@ export class RawImage implements BlockDevice {
   /** Guest offset = file offset, always: the mapping never changes. */
   plainRunCached(offset: number, maxLength: number): PlainRun {
     checkRange(this, offset, maxLength);
-    return this.file instanceof FdFile ? { kind: 'data', length: maxLength, fd: this.file.fd, hostOffset: offset } : { kind: 'other', length: maxLength };
+    return this.file instanceof FdFile ? { kind: 'data', length: maxLength, fd: this.file.fd, hostOffset: offset, writable: !this.readOnly } : { kind: 'other', length: maxLength };
   }
 
   observeMappings(_obs: MappingObserver | null): void {
     // Nothing to tell: writes never move data.
+  }
+
+  noteExternalWrites(): void {
+    // flush() always syncs the file.
   }
 
   async write(buf: Uint8Array, offset: number): Promise<void> {

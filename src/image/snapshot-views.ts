@@ -42,7 +42,8 @@ class BorrowedDevice implements BlockDevice {
     return this.inner.mapRegionBytes;
   }
   plainRunCached(offset: number, maxLength: number): PlainRun {
-    return this.inner.plainRunCached(offset, maxLength);
+    const run = this.inner.plainRunCached(offset, maxLength);
+    return run.kind === 'data' && run.writable ? { ...run, writable: false } : run;
   }
   write(buf: Uint8Array, offset: number): Promise<void> {
     return this.inner.write(buf, offset);

@@ -307,7 +307,8 @@ export class Qcow2Image implements BlockDevice {
     }
     switch (m.kind) {
       case 'data':
-        return this.file instanceof FdFile ? { kind: 'data', length: m.length, fd: this.file.fd, hostOffset: m.hostOffset } : { kind: 'other', length: m.length };
+        if (!(this.file instanceof FdFile)) return { kind: 'other', length: m.length };
+        return { kind: 'data', length: m.length, fd: this.file.fd, hostOffset: m.hostOffset, writable: this.writer?.canWriteInPlace(offset, m.length) ?? false };
       case 'zero':
         return { kind: 'zero', length: m.length };
       case 'compressed':
@@ -316,13 +317,19 @@ export class Qcow2Image implements BlockDevice {
         const b = this.backing;
         if (b === null || offset >= b.size) return { kind: 'zero', length: m.length };
         const inBacking = Math.min(m.length, b.size - offset);
-        return b.plainRunCached ? b.plainRunCached(offset, inBacking) : { kind: 'other', length: inBacking };
+        const run = b.plainRunCached ? b.plainRunCached(offset, inBacking) : { kind: 'other' as const, length: inBacking };
+        // The backing file's bytes are read-only from here: a write allocates in this layer.
+        return run.kind === 'data' && run.writable ? { ...run, writable: false } : run;
       }
     }
   }
 
   observeMappings(obs: MappingObserver | null): void {
     this.mappingObserver = obs;
+  }
+
+  noteExternalWrites(): void {
+    this.writer?.noteExternalWrites();
   }
 
   async read(buf: Uint8Array, offset: number): Promise<void> {

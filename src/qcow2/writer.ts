@@ -244,18 +244,10 @@ export class Qcow2Writer {
   }
 
   /**
-   * The fast path: a write that lies wholly inside clusters this layer already owns (COPIED set,
-   * no zero flag, every touched subcluster allocated), whose L2 table is cached and COPIED too.
-   * Such a write changes no metadata, so it needs no lock, no plan and no commit: the slow path
-   * would classify every cluster as "in place, entry unchanged" and do exactly these pwrites.
-   * It is decided synchronously from the cached table (JS runs one thing at a time, and every
-   * metadata change is made synchronously under the lock, so the table is never half-updated).
-   * A cluster in flight (being allocated or having its entry changed by a slow-path write) is
-   * left to the slow path, which waits for it. Returns null when the write does not qualify.
+   * The cached, COPIED L2 table of [offset, +len) when every cluster of it qualifies for the
+   * in-place path (see tryWriteInPlace), and whether their host clusters are contiguous; else null.
    */
-  private tryWriteInPlace(buf: Uint8Array, offset: number): Promise<void> | null {
-    const len = buf.length;
-    if (len > FAST_PATH_MAX_BYTES) return null;
+  private inPlaceTable(offset: number, len: number): { table: Buffer; l1Index: number; contiguous: boolean } | null {
     const img = this.img;
     const g = img.geometry;
     const cs = this.cs;
@@ -273,7 +265,7 @@ export class Qcow2Writer {
     const firstCluster = Math.floor(offset / cs);
     const lastCluster = Math.floor((offset + len - 1) / cs);
     const checkInflight = this.inflight.size > 0;
-    // First pass: every cluster must qualify (nothing is written unless all do).
+    // Every cluster must qualify (nothing is written unless all do).
     let runHost = -1;
     let contiguous = true;
     for (let gc = firstCluster; gc <= lastCluster; gc++) {
@@ -301,6 +293,45 @@ export class Qcow2Writer {
       if (runHost >= 0 && host !== runHost + cs) contiguous = false;
       runHost = host;
     }
+    return { table, l1Index, contiguous };
+  }
+
+  /**
+   * True when writes to [offset, +len) may go straight to the clusters' host bytes now, as the
+   * in-place path writes them (the FUSE layer's direct path caches this; mapping changes are
+   * reported to the image's MappingObserver, and a failed writer invalidates everything).
+   */
+  canWriteInPlace(offset: number, len: number): boolean {
+    return this.prepared && this.failed === null && len > 0 && this.inPlaceTable(offset, len) !== null;
+  }
+
+  /** Data was written in place by someone else (the FUSE layer's direct path): the next flush syncs it. */
+  noteExternalWrites(): void {
+    this.writesDone++;
+  }
+
+  /**
+   * The fast path: a write that lies wholly inside clusters this layer already owns (COPIED set,
+   * no zero flag, every touched subcluster allocated), whose L2 table is cached and COPIED too.
+   * Such a write changes no metadata, so it needs no lock, no plan and no commit: the slow path
+   * would classify every cluster as "in place, entry unchanged" and do exactly these pwrites.
+   * It is decided synchronously from the cached table (JS runs one thing at a time, and every
+   * metadata change is made synchronously under the lock, so the table is never half-updated).
+   * A cluster in flight (being allocated or having its entry changed by a slow-path write) is
+   * left to the slow path, which waits for it. Returns null when the write does not qualify.
+   */
+  private tryWriteInPlace(buf: Uint8Array, offset: number): Promise<void> | null {
+    const len = buf.length;
+    if (len > FAST_PATH_MAX_BYTES) return null;
+    const q = this.inPlaceTable(offset, len);
+    if (q === null) return null;
+    const { table, l1Index, contiguous } = q;
+    const img = this.img;
+    const g = img.geometry;
+    const cs = this.cs;
+    const entryBytes = g.l2EntryBytes;
+    const firstCluster = Math.floor(offset / cs);
+    const lastCluster = Math.floor((offset + len - 1) / cs);
     // Second pass: the pwrites, one per host-contiguous stretch.
     const file = img.file;
     const done = (): void => {
@@ -703,6 +734,8 @@ export class Qcow2Writer {
       this.writesFlushed = covered;
     } catch (err) {
       this.failed = err as Error;
+      // Nothing may bypass the engine any more (canWriteInPlace is false from now on).
+      this.img.mappingObserver?.changed(0, this.img.size);
       throw err;
     }
   }

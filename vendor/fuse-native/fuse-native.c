@@ -130,9 +130,13 @@ static const uint32_t op_rmdir = 33;
  */
 #define QCOW2FS_MAX_FASTMAPS 16
 
+#define QCOW2FS_SLOT_WRITABLE 0x40000000
+#define QCOW2FS_SLOT_FD_MASK 0x3fffffff
+
 typedef struct {
   uint32_t seq;
-  int32_t fd;     // -1: the cluster reads as zeros
+  int32_t fd;     // -1: the cluster reads as zeros; else fd | QCOW2FS_SLOT_WRITABLE if writes
+                  // may go to the same host bytes (a cluster the image's active layer owns)
   uint64_t key;   // guest cluster index + 1; 0: empty
   uint64_t host;  // host offset of the cluster's first byte
 } qcow2fs_slot_t;
@@ -148,6 +152,8 @@ typedef struct {
   uint32_t disabled;   // detached: every read goes to JS (atomic)
   uint64_t hits;       // reads answered here (atomic, relaxed)
   uint64_t misses;     // reads handed to JS (atomic, relaxed)
+  uint64_t writes;     // writes done here (atomic; JS makes them durable on fsync)
+  uint64_t write_misses; // writes handed to JS (atomic, relaxed)
 } qcow2fs_fastmap_t;
 
 typedef struct {
@@ -1092,6 +1098,7 @@ static int qcow2fs_fast_read (qcow2fs_fastmap_t *m, char *buf, size_t len, off_t
     int32_t fd;
     uint64_t host;
     if (!qcow2fs_slot_get(m, pos >> cb, &fd, &host)) goto out;
+    if (fd >= 0) fd &= QCOW2FS_SLOT_FD_MASK;
     if (fd == run_fd && (fd < 0 || host + in == run_host + run_len)) {
       run_len += n;
     } else {
@@ -1129,6 +1136,84 @@ static napi_value qcow2fs_int32 (napi_env env, int32_t v) {
   napi_value r;
   napi_create_int32(env, v, &r);
   return r;
+}
+
+// Writes len bytes from src at host of fd. 0 on an error (the request then goes to JS, which
+// writes it all again).
+static int qcow2fs_run_write (int32_t fd, const char *src, size_t len, uint64_t host) {
+  size_t done = 0;
+  while (done < len) {
+    ssize_t n = pwrite(fd, src + done, len - done, (off_t) (host + done));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return 0;
+    }
+    if (n == 0) return 0;
+    done += (size_t) n;
+  }
+  return 1;
+}
+
+/*
+ * A write whose clusters all have writable slots (clusters the active layer owns: no metadata
+ * changes, as the engine's own in-place path) is done here with pwrite. JS learns of it through
+ * the writes counter and makes it durable at the next flush/fsync.
+ */
+static int qcow2fs_fast_write (qcow2fs_fastmap_t *m, const char *buf, size_t len, off_t offset) {
+  if (len == 0 || offset < 0 || len > INT32_MAX) return -1;
+  __atomic_add_fetch(&m->readers, 1, __ATOMIC_SEQ_CST);
+  int res = -1;
+  if (__atomic_load_n(&m->blocked, __ATOMIC_SEQ_CST) || __atomic_load_n(&m->disabled, __ATOMIC_SEQ_CST)) goto out;
+  uint64_t size = __atomic_load_n(&m->size, __ATOMIC_ACQUIRE);
+  uint64_t pos = (uint64_t) offset;
+  uint64_t end = pos + len;
+  if (end > size) goto out;
+  uint32_t cb = m->cluster_bits;
+  uint64_t cs = 1ull << cb;
+  int32_t run_fd = -2;
+  uint64_t run_host = 0;
+  size_t run_len = 0;
+  const char *run_src = buf;
+  while (pos < end) {
+    uint64_t in = pos & (cs - 1);
+    uint64_t n = cs - in;
+    if (n > end - pos) n = end - pos;
+    int32_t fd;
+    uint64_t host;
+    if (!qcow2fs_slot_get(m, pos >> cb, &fd, &host)) goto out;
+    if (fd < 0 || !(fd & QCOW2FS_SLOT_WRITABLE)) goto out;
+    fd &= QCOW2FS_SLOT_FD_MASK;
+    if (fd == run_fd && host + in == run_host + run_len) {
+      run_len += n;
+    } else {
+      if (run_len > 0 && !qcow2fs_run_write(run_fd, run_src, run_len, run_host)) goto out;
+      run_fd = fd;
+      run_host = host + in;
+      run_len = n;
+      run_src = buf + (pos - (uint64_t) offset);
+    }
+    pos += n;
+  }
+  if (run_len > 0 && !qcow2fs_run_write(run_fd, run_src, run_len, run_host)) goto out;
+  __atomic_add_fetch(&m->writes, 1, __ATOMIC_SEQ_CST);
+  res = (int) len;
+out:
+  __atomic_sub_fetch(&m->readers, 1, __ATOMIC_SEQ_CST);
+  if (res < 0) __atomic_add_fetch(&m->write_misses, 1, __ATOMIC_RELAXED);
+  return res;
+}
+
+static int qcow2fs_write (const char *path, const char *buf, size_t len, off_t offset, struct fuse_file_info *info) {
+  fuse_thread_t *ft = (fuse_thread_t *) fuse_get_context()->private_data;
+  uint32_t n = __atomic_load_n(&ft->n_fastmaps, __ATOMIC_ACQUIRE);
+  for (uint32_t i = 0; i < n; i++) {
+    qcow2fs_fastmap_t *m = ft->fastmaps[i];
+    if (strcmp(m->path, path) != 0) continue;
+    int res = qcow2fs_fast_write(m, buf, len, offset);
+    if (res >= 0) return res;
+    break;
+  }
+  return fuse_native_write(path, buf, len, offset, info);
 }
 
 static qcow2fs_fastmap_t *qcow2fs_fastmap_of (fuse_thread_t *ft, uint32_t index) {
@@ -1244,19 +1329,26 @@ NAPI_METHOD(qcow2fs_fastmap_disable) {
   return NULL;
 }
 
-// fastmap_stats(thread, index) -> [hits, misses]
+// fastmap_stats(thread, index) -> [read hits, read misses, writes done here, write misses]
 NAPI_METHOD(qcow2fs_fastmap_stats) {
   NAPI_ARGV(2)
   NAPI_ARGV_BUFFER_CAST(fuse_thread_t *, ft, 0);
   NAPI_ARGV_UINT32(index, 1);
   qcow2fs_fastmap_t *m = qcow2fs_fastmap_of(ft, index);
+  uint64_t vals[4] = { 0, 0, 0, 0 };
+  if (m != NULL) {
+    vals[0] = __atomic_load_n(&m->hits, __ATOMIC_RELAXED);
+    vals[1] = __atomic_load_n(&m->misses, __ATOMIC_RELAXED);
+    vals[2] = __atomic_load_n(&m->writes, __ATOMIC_SEQ_CST);
+    vals[3] = __atomic_load_n(&m->write_misses, __ATOMIC_RELAXED);
+  }
   napi_value arr;
-  napi_create_array_with_length(env, 2, &arr);
-  napi_value v;
-  napi_create_double(env, m ? (double) __atomic_load_n(&m->hits, __ATOMIC_RELAXED) : 0, &v);
-  napi_set_element(env, arr, 0, v);
-  napi_create_double(env, m ? (double) __atomic_load_n(&m->misses, __ATOMIC_RELAXED) : 0, &v);
-  napi_set_element(env, arr, 1, v);
+  napi_create_array_with_length(env, 4, &arr);
+  for (uint32_t i = 0; i < 4; i++) {
+    napi_value v;
+    napi_create_double(env, (double) vals[i], &v);
+    napi_set_element(env, arr, i, v);
+  }
   return arr;
 }
 
@@ -1309,7 +1401,7 @@ NAPI_METHOD(fuse_native_mount) {
   if (implemented[op_open]) ops.open = fuse_native_open;
   if (implemented[op_opendir]) ops.opendir = fuse_native_opendir;
   if (implemented[op_read]) ops.read = qcow2fs_read;
-  if (implemented[op_write]) ops.write = fuse_native_write;
+  if (implemented[op_write]) ops.write = qcow2fs_write;
   if (implemented[op_release]) ops.release = fuse_native_release;
   if (implemented[op_releasedir]) ops.releasedir = fuse_native_releasedir;
   if (implemented[op_create]) ops.create = fuse_native_create;
