@@ -12,12 +12,18 @@
  *
  *   seekDataHole(fd, position, wantHole) -> the offset of the next data (or hole) at or after
  *   position, or a negative errno (-ENXIO: no data after position).
+ *
+ * And fallocate(2), for discarding ranges of raw images (punch a hole, keep the size):
+ *
+ *   punchHole(fd, position, length) -> 0, or a negative errno (-EOPNOTSUPP: not on this
+ *   file system).
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <stdbool.h>
 #include <sys/uio.h>
 #include <unistd.h>
+#include <fcntl.h>
 #include <node_api.h>
 
 #ifndef RWF_NOWAIT
@@ -76,10 +82,26 @@ static napi_value seek_data_hole(napi_env env, napi_callback_info info) {
   return number(env, r == (off_t)-1 ? -(int64_t)errno : (int64_t)r);
 }
 
+static napi_value punch_hole(napi_env env, napi_callback_info info) {
+  size_t argc = 3;
+  napi_value argv[3];
+  int32_t fd;
+  int64_t position, length;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc != 3 ||
+      napi_get_value_int32(env, argv[0], &fd) != napi_ok || napi_get_value_int64(env, argv[1], &position) != napi_ok ||
+      napi_get_value_int64(env, argv[2], &length) != napi_ok || fd < 0 || position < 0 || length < 0) {
+    napi_throw_type_error(env, NULL, "expected (fd, position, length)");
+    return NULL;
+  }
+  int r = fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)position, (off_t)length);
+  return number(env, r == -1 ? -(int64_t)errno : 0);
+}
+
 static napi_value init(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
     {"preadNowait", NULL, pread_nowait, NULL, NULL, NULL, napi_default, NULL},
     {"seekDataHole", NULL, seek_data_hole, NULL, NULL, NULL, napi_default, NULL},
+    {"punchHole", NULL, punch_hole, NULL, NULL, NULL, napi_default, NULL},
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
   return exports;

@@ -41,6 +41,8 @@ declare module 'fuse-native' {
     fsync?(path: string, datasync: boolean, fd: number, cb: Cb): void;
     truncate?(path: string, size: number, cb: Cb): void;
     ftruncate?(path: string, fd: number, size: number, cb: Cb): void;
+    /** vendor/fuse-native only (mode: FALLOC_FL_* bits). */
+    fallocate?(path: string, fd: number, mode: number, offset: number, length: number, cb: Cb): void;
     statfs?(path: string, cb: Cb<[FuseStatfs?]>): void;
     utimens?(path: string, atime: number, mtime: number, cb: Cb): void;
     chmod?(path: string, mode: number, cb: Cb): void;

@@ -16,6 +16,11 @@ const O_RDONLY = 0;
 const S_IFDIR = 0o040000;
 const S_IFREG = 0o100000;
 const MAX_LOGGED_ERRORS = 1000;
+// fallocate(2) modes (linux/falloc.h).
+const FALLOC_FL_KEEP_SIZE = 0x01;
+const FALLOC_FL_PUNCH_HOLE = 0x02;
+const FALLOC_FL_NO_HIDE_STALE = 0x04;
+const FALLOC_FL_ZERO_RANGE = 0x10;
 
 export interface OpsOptions {
   readOnly: boolean;
@@ -214,6 +219,32 @@ export function makeOps(layout: Layout, opts: OpsOptions, state: OpsState = { op
       if (!node) return cb(Fuse.ENOENT);
       if (node.kind !== 'device' || node.device.readOnly) return cb(Fuse.EROFS);
       resizeDevice(node.device, size, path, cb);
+    },
+    /**
+     * Discard and zeroing of the raw file (fstrim, blkdiscard and mkfs through a loop device):
+     * PUNCH_HOLE and ZERO_RANGE both make the range read as zeros (BlockDevice.discard). Plain
+     * allocation inside the disk is a no-op (clusters are allocated on write); anything that
+     * would change the size or shift data is refused.
+     */
+    fallocate(path, _fd, mode, offset, length, cb) {
+      const node = layout.lookup(path);
+      if (!node) return cb(Fuse.ENOENT);
+      if (node.kind !== 'device' || node.device.readOnly) return cb(Fuse.EROFS);
+      const dev = node.device;
+      if (offset < 0 || length <= 0) return cb(Fuse.EINVAL);
+      const known = FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_NO_HIDE_STALE | FALLOC_FL_ZERO_RANGE;
+      if (mode & ~known) return cb(Fuse.EOPNOTSUPP);
+      const zeroing = (mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE)) !== 0;
+      if (offset >= dev.size) return cb(zeroing || mode & FALLOC_FL_KEEP_SIZE ? 0 : Fuse.EOPNOTSUPP);
+      const n = Math.min(length, dev.size - offset);
+      if (!zeroing) return cb(offset + length <= dev.size || mode & FALLOC_FL_KEEP_SIZE ? 0 : Fuse.EOPNOTSUPP);
+      dev.discard(offset, n).then(
+        () => {
+          node.meta.mtime = node.meta.ctime = new Date();
+          cb(0);
+        },
+        (err) => cb(errno(err, 'fallocate', path)),
+      );
     },
     utimens(path, _atime, _mtime, cb) {
       cb(layout.lookup(path) ? 0 : Fuse.ENOENT);

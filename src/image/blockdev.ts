@@ -68,6 +68,7 @@ export interface BlockDevice {
   /** Data was written to `writable` plainRunCached() ranges by someone else: flush() must sync it. */
   noteExternalWrites?(): void;
   write(buf: Uint8Array, offset: number): Promise<void>;
+  /** The range reads as zeros afterwards, and its host space may be given back. */
   discard(offset: number, length: number): Promise<void>;
   /** Grows (or, where allowed, shrinks) the virtual size; absent when the device cannot. */
   resize?(newSizeBytes: number): Promise<void>;

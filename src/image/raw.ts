@@ -2,7 +2,7 @@
 import type { BlockDevice, Extent, MappingObserver, PlainRun } from './blockdev';
 import { checkRange } from './blockdev';
 import { ReadOnlyError } from '../errors';
-import { FdFile, type HostFile } from '../io/file';
+import { FdFile, punchHole, type HostFile } from '../io/file';
 
 export class RawImage implements BlockDevice {
   readonly description: string;
@@ -58,7 +58,15 @@ export class RawImage implements BlockDevice {
   async discard(offset: number, length: number): Promise<void> {
     if (this.readOnly) throw new ReadOnlyError(`${this.description} is read-only`);
     checkRange(this, offset, length);
+    if (length === 0) return;
+    // A hole where the file system has them; else zeros written.
+    if (this.file instanceof FdFile && punchHole(this.file.fd, offset, length)) return;
+    const chunk = Buffer.alloc(Math.min(length, 16 * 1024 * 1024));
+    for (let pos = offset; pos < offset + length; pos += chunk.length) {
+      await this.file.pwrite(chunk.subarray(0, Math.min(chunk.length, offset + length - pos)), pos);
+    }
   }
+
 
   flush(): Promise<void> {
     return this.file.flush();

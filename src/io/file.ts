@@ -80,9 +80,16 @@ const NOWAIT_READ_MAX_BYTES = 1024 * 1024;
 interface IoAddon {
   preadNowait(fd: number, buf: Uint8Array, offset: number, length: number, position: number): number;
   seekDataHole(fd: number, position: number, wantHole: boolean): number;
+  punchHole?(fd: number, position: number, length: number): number;
 }
 
 const ENXIO = 6;
+
+/** fallocate(PUNCH_HOLE | KEEP_SIZE): true if the range is now a hole (reads as zeros). */
+export function punchHole(fd: number, position: number, length: number): boolean {
+  const a = ioAddon();
+  return !!a?.punchHole && a.punchHole(fd, position, length) === 0;
+}
 
 /**
  * Whether the host file's bytes at [position, +length) start with a hole (reads as zeros, no

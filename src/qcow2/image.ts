@@ -418,8 +418,11 @@ export class Qcow2Image implements BlockDevice {
     await this.writer.resize(newSizeBytes);
   }
 
-  async discard(_offset: number, _length: number): Promise<void> {
-    throw new ReadOnlyError(`${this.description}: discard is not supported yet`);
+  /** The range reads as zeros afterwards; whole clusters give their host space back (see Qcow2Writer.writeZeroes). */
+  async discard(offset: number, length: number): Promise<void> {
+    if (!this.writer) throw new ReadOnlyError(`${this.description} is read-only`);
+    checkRange(this, offset, length);
+    await this.writer.writeZeroes(offset, length);
   }
 
   async flush(): Promise<void> {

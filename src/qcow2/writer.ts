@@ -106,6 +106,9 @@ export class Qcow2Writer {
   private fileMayBeShort = false;
   private writebackTimer: NodeJS.Timeout | null = null;
   private failed: Error | null = null;
+  /** In-place fast-path writes still running (they take no lock): frees wait for them. */
+  private fastWritesRunning = 0;
+  private fastWritesDrained: (() => void) | null = null;
   private readonly cs: number;
   private readonly bytesPerL2: number;
 
@@ -230,6 +233,121 @@ export class Qcow2Writer {
     return table;
   }
 
+  // ---------------------------------------------------------------- zeroing
+
+  /**
+   * Makes guest bytes [offset, +length) read as zeros (discard; fallocate PUNCH_HOLE and
+   * ZERO_RANGE). Whole clusters give up their host cluster: the entry becomes unallocated where
+   * no backing file shows through, else "zero" (the zero flag, or every zero bit of an extended
+   * entry; version 3), and a version 2 image, which has no zero clusters, gets zeros written
+   * where a backing file shows through. Partial clusters get zeros written. The old host
+   * clusters are freed at the next flush, once the new entries are durable (as for
+   * copy-on-write), so a crash leaves at worst a leak.
+   */
+  async writeZeroes(offset: number, length: number): Promise<void> {
+    this.check();
+    if (length <= 0) return;
+    const cs = this.cs;
+    const end = offset + length;
+    const a = Math.ceil(offset / cs) * cs;
+    // The last cluster counts as whole when the range runs to the end of the disk.
+    const b = end >= this.img.size ? Math.ceil(end / cs) * cs : Math.floor(end / cs) * cs;
+    if (a >= b) return this.writeZeroBytes(offset, length);
+    if (offset < a) await this.writeZeroBytes(offset, a - offset);
+    if (b < end) await this.writeZeroBytes(b, end - b);
+    let pos = a;
+    while (pos < b) {
+      const step = await this.lock.run(async () => {
+        await this.prepare();
+        return this.zeroRun(pos, b - pos);
+      });
+      if ('wait' in step) {
+        await step.wait;
+      } else if ('writeBytes' in step) {
+        await this.writeZeroBytes(pos, Math.min(step.writeBytes, this.img.size - pos));
+        pos += step.writeBytes;
+      } else {
+        pos += step.length;
+      }
+    }
+  }
+
+  private async writeZeroBytes(offset: number, length: number): Promise<void> {
+    const chunk = Buffer.alloc(Math.min(length, MAX_RUN_BYTES));
+    for (let pos = offset; pos < offset + length; pos += chunk.length) {
+      const n = Math.min(chunk.length, offset + length - pos);
+      await this.write(chunk.subarray(0, n), pos);
+    }
+  }
+
+  /** Zeroes whole clusters from guestOffset within one L2 table (lock held). */
+  private async zeroRun(guestOffset: number, maxLength: number): Promise<{ length: number } | { wait: Promise<void> } | { writeBytes: number }> {
+    const img = this.img;
+    const g = img.geometry;
+    const cs = this.cs;
+    const l1Index = Math.floor(guestOffset / this.bytesPerL2);
+    if (l1Index >= img.l1.l2Offsets.length) throw new CorruptionError(`${img.file.path}: guest offset ${guestOffset} lies beyond the L1 table`);
+    const end = Math.min(guestOffset + maxLength, (l1Index + 1) * this.bytesPerL2);
+    const length = end - guestOffset;
+    const backingEnd = img.backing === null ? 0 : Math.ceil(img.backing.size / cs) * cs;
+    if (!g.zeroFlagAllowed && guestOffset < backingEnd) {
+      // Version 2 over a backing file: only written zeros hide it.
+      return { writeBytes: Math.min(length, backingEnd - guestOffset) };
+    }
+    const firstCluster = guestOffset / cs;
+    const lastCluster = end / cs - 1;
+    for (let gc = firstCluster; gc <= lastCluster; gc++) {
+      const w = this.inflight.get(gc);
+      if (w) return { wait: w };
+    }
+    let table = await img.l2Table(l1Index);
+    const changes: { l2Index: number; zero: boolean }[] = [];
+    const frees: { offset: number; bytes: number }[] = [];
+    for (let gc = firstCluster; gc <= lastCluster; gc++) {
+      const l2Index = gc - l1Index * g.l2Entries;
+      const e = this.entryAt(table, l2Index);
+      const showsBacking = gc * cs < backingEnd;
+      if (!e.compressed && e.host === 0) {
+        // Already zeros? Unallocated without backing data, or zero flag / all zero bits.
+        const allZeroBits = g.extendedL2 && e.zeroBits === 0xffffffff;
+        const unallocated = g.extendedL2 ? e.zeroBits === 0 : !e.zeroFlag;
+        if ((unallocated && !showsBacking) || e.zeroFlag || allZeroBits) continue;
+      }
+      changes.push({ l2Index, zero: showsBacking });
+      if (e.compressed) {
+        const d = compressedDescriptor(e.hi, e.lo, g.clusterBits);
+        frees.push({ offset: d.hostOffset, bytes: d.compressedBytes });
+      } else if (e.host !== 0) {
+        frees.push({ offset: e.host, bytes: cs });
+      }
+    }
+    if (changes.length === 0) return { length };
+    table = await this.writableL2(l1Index);
+    const obs = img.mappingObserver;
+    if (obs) {
+      obs.changed(guestOffset, length);
+      if (frees.length > 0) obs.freeing();
+    }
+    for (const c of changes) {
+      const at = c.l2Index * g.l2EntryBytes;
+      if (g.extendedL2) {
+        writeEntry(table, at, 0, false);
+        table.writeUInt32BE(c.zero ? 0xffffffff : 0, at + 8);
+        table.writeUInt32BE(0, at + 12);
+      } else {
+        writeEntry(table, at, 0, false, c.zero ? OFLAG_ZERO_LO : 0);
+      }
+    }
+    this.pendingFrees.push(...frees);
+    const tableOffset = img.l1.l2Offsets[l1Index]!;
+    this.dirtyL2.add(tableOffset);
+    img.l2Cache.pin(tableOffset);
+    if (img.l2Cache.peek(tableOffset) !== table) img.l2Cache.insert(tableOffset, table);
+    if (this.metadataDirtyBytes() > DIRTY_BUDGET_BYTES) await this.flushLocked();
+    else this.scheduleWriteback();
+    return { length };
+  }
+
   // ---------------------------------------------------------------- write
 
   write(buf: Uint8Array, offset: number): Promise<void> {
@@ -334,13 +452,19 @@ export class Qcow2Writer {
     const lastCluster = Math.floor((offset + len - 1) / cs);
     // Second pass: the pwrites, one per host-contiguous stretch.
     const file = img.file;
+    this.fastWritesRunning++;
     const done = (): void => {
       this.writesDone++;
+      this.fastWriteEnded();
+    };
+    const failed = (err: unknown): never => {
+      this.fastWriteEnded();
+      throw err;
     };
     if (contiguous) {
       const at = (firstCluster - l1Index * g.l2Entries) * entryBytes;
       const host = entryOffset(table.readUInt32BE(at), table.readUInt32BE(at + 4)) + (offset - firstCluster * cs);
-      return file.pwrite(buf, host).then(done);
+      return file.pwrite(buf, host).then(done, failed);
     }
     const writes: Promise<void>[] = [];
     for (let gc = firstCluster; gc <= lastCluster; gc++) {
@@ -351,7 +475,26 @@ export class Qcow2Writer {
       const host = entryOffset(table.readUInt32BE(at), table.readUInt32BE(at + 4));
       writes.push(file.pwrite(buf.subarray(cStart + ds - offset, cStart + de - offset), host + ds));
     }
-    return Promise.all(writes).then(done);
+    return Promise.all(writes).then(done, failed);
+  }
+
+  private fastWriteEnded(): void {
+    if (--this.fastWritesRunning === 0 && this.fastWritesDrained) {
+      this.fastWritesDrained();
+      this.fastWritesDrained = null;
+    }
+  }
+
+  /** Resolves once no in-place fast-path write is running (one that began before a free must not land after it). */
+  private fastWritesIdle(): Promise<void> {
+    if (this.fastWritesRunning === 0) return RESOLVED;
+    return new Promise((resolve) => {
+      const prev = this.fastWritesDrained;
+      this.fastWritesDrained = () => {
+        prev?.();
+        resolve();
+      };
+    });
   }
 
   private async writeSlow(buf: Uint8Array, offset: number): Promise<void> {
@@ -723,6 +866,7 @@ export class Qcow2Writer {
       if (unsynced) await file.flush();
       // 3. Old clusters are released only now that no durable entry refers to them.
       if (this.pendingFrees.length > 0) {
+        await this.fastWritesIdle();
         const frees = this.pendingFrees;
         this.pendingFrees = [];
         for (const f of frees) {

@@ -119,6 +119,8 @@ static const uint32_t op_link = 30;
 static const uint32_t op_symlink = 31;
 static const uint32_t op_mkdir = 32;
 static const uint32_t op_rmdir = 33;
+// qcow2fs: fallocate (discard and zeroing of the raw file: fstrim, blkdiscard, mkfs through a loop device).
+static const uint32_t op_fallocate = 34;
 
 // Data structures
 
@@ -682,6 +684,21 @@ FUSE_METHOD_VOID(ftruncate, 4, 0, (const char *path, off_t size, struct fuse_fil
     napi_create_uint32(env, 0, &(argv[3]));
   }
   FUSE_UINT64_TO_INTS_ARGV(l->offset, 4)
+})
+
+// qcow2fs: fallocate(path, fh, mode, offsetLow, offsetHigh, lengthLow, lengthHigh)
+FUSE_METHOD_VOID(fallocate, 7, 0, (const char *path, int mode, off_t offset, off_t len, struct fuse_file_info *info), {
+  l->path = path;
+  l->flags = mode;
+  l->offset = offset;
+  l->len = (size_t) len;
+  l->info = info;
+}, {
+  napi_create_string_utf8(env, l->path, NAPI_AUTO_LENGTH, &(argv[2]));
+  napi_create_uint32(env, l->info != NULL ? l->info->fh : 0, &(argv[3]));
+  napi_create_int32(env, l->flags, &(argv[4]));
+  FUSE_UINT64_TO_INTS_ARGV(l->offset, 5)
+  FUSE_UINT64_TO_INTS_ARGV(l->len, 7)
 })
 
 FUSE_METHOD(readlink, 1, 1, (const char *path, char *linkname, size_t len), {
@@ -1412,6 +1429,7 @@ NAPI_METHOD(fuse_native_mount) {
   if (implemented[op_symlink]) ops.symlink = fuse_native_symlink;
   if (implemented[op_mkdir]) ops.mkdir = fuse_native_mkdir;
   if (implemented[op_rmdir]) ops.rmdir = fuse_native_rmdir;
+  if (implemented[op_fallocate]) ops.fallocate = fuse_native_fallocate;
   if (implemented[op_init]) ops.init = fuse_native_init;
 
   int _argc = (strcmp(mntopts, "-o") <= 0) ? 1 : 2;
@@ -1555,6 +1573,7 @@ NAPI_INIT() {
   NAPI_EXPORT_FUNCTION(fuse_native_signal_symlink)
   NAPI_EXPORT_FUNCTION(fuse_native_signal_mkdir)
   NAPI_EXPORT_FUNCTION(fuse_native_signal_rmdir)
+  NAPI_EXPORT_FUNCTION(fuse_native_signal_fallocate)
 
   NAPI_EXPORT_UINT32(op_getattr)
   NAPI_EXPORT_UINT32(op_init)
@@ -1591,4 +1610,5 @@ NAPI_INIT() {
   NAPI_EXPORT_UINT32(op_symlink)
   NAPI_EXPORT_UINT32(op_mkdir)
   NAPI_EXPORT_UINT32(op_rmdir)
+  NAPI_EXPORT_UINT32(op_fallocate)
 }

@@ -140,6 +140,8 @@ const OpcodesAndDefaults = new Map([
     op: binding.op_rmdir
   }]
 ])
+// qcow2fs: fallocate, in this build only (the stock binary has no such operation).
+if (binding.op_fallocate !== undefined) OpcodesAndDefaults.set('fallocate', { op: binding.op_fallocate })
 
 class Fuse extends Nanoresource {
   constructor (mnt, ops, opts = {}) {
@@ -609,6 +611,15 @@ class Fuse extends Nanoresource {
   _op_ftruncate (signal, path, fd, sizeLow, sizeHigh) {
     const size = getDoubleArg(sizeLow, sizeHigh)
     this.ops.ftruncate(path, fd, size, err => {
+      return signal(err)
+    })
+  }
+
+  // qcow2fs
+  _op_fallocate (signal, path, fd, mode, offsetLow, offsetHigh, lengthLow, lengthHigh) {
+    const offset = getDoubleArg(offsetLow, offsetHigh)
+    const length = getDoubleArg(lengthLow, lengthHigh)
+    this.ops.fallocate(path, fd, mode, offset, length, err => {
       return signal(err)
     })
   }
