@@ -57,6 +57,18 @@ describe('snapshot -l', () => {
     expect(info.snapshots).toHaveLength(4);
   });
 
+  it('reads a snapshot table larger than the first read (64 KiB): 80 snapshots with 1 KiB names', () => {
+    const big = path.join(dir, 'many.qcow2');
+    qemuImg('create', '-q', '-f', 'qcow2', big, '1M');
+    const long = 'n'.repeat(1000);
+    for (let i = 0; i < 80; i++) qemuImg('snapshot', '-c', `${i}-${long}`, big);
+    const got = qcow2fs(['snapshot', '-l', '--output', 'json', big]);
+    expect(got.code, got.stderr).toBe(0);
+    const info = JSON.parse(qemuImg('info', '--output', 'json', big)) as { snapshots: unknown[] };
+    expect(info.snapshots).toHaveLength(80);
+    expect(JSON.parse(got.stdout)).toEqual(info.snapshots);
+  });
+
   it('formats sizes as QEMU does', () => {
     expect(qemuSizeString(0)).toBe('0 B');
     expect(qemuSizeString(999)).toBe('999 B');

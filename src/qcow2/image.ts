@@ -179,10 +179,7 @@ export class Qcow2Image implements BlockDevice {
 
     let snapshots: SnapshotEntry[] = [];
     if (header.nbSnapshots > 0) {
-      const want = Math.min(fileSize - header.snapshotsOffset, 64 * 1024 * 1024);
-      const table = Buffer.alloc(want);
-      await file.pread(table, header.snapshotsOffset);
-      const decoded = decodeSnapshotTable(table, header.nbSnapshots, { version: header.version, clusterSize: cs, fileSize });
+      const decoded = await readSnapshotTable(file, header.snapshotsOffset, header.nbSnapshots, { version: header.version, clusterSize: cs, fileSize });
       snapshots = decoded.entries;
       const snapRegion = { offset: header.snapshotsOffset, length: roundUp(decoded.tableBytes), what: 'snapshot table' };
       for (const r of regions) {
@@ -444,10 +441,47 @@ export class Qcow2Image implements BlockDevice {
 }
 
 /** Reads and validates the header of a qcow2 file. */
+/**
+ * The snapshot table, read in growing pieces (its size is known only by decoding it): a few KiB
+ * for the usual handful of snapshots instead of everything up to 64 MiB (mount time).
+ */
+async function readSnapshotTable(
+  file: HostFile,
+  offset: number,
+  count: number,
+  ctx: { version: number; clusterSize: number; fileSize: number },
+): Promise<ReturnType<typeof decodeSnapshotTable>> {
+  const most = Math.min(ctx.fileSize - offset, MAX_SNAPSHOT_TABLE_BYTES);
+  let want = Math.min(most, Math.max(64 * 1024, count * 1024));
+  for (;;) {
+    const table = Buffer.alloc(want);
+    await file.pread(table, offset);
+    try {
+      return decodeSnapshotTable(table, count, ctx);
+    } catch (err) {
+      // "truncated" in a partial read: read more; anything else, or the whole table, is final.
+      if (!(err instanceof ImageError) || !/truncated/.test(err.message) || want >= most) throw err;
+      want = Math.min(most, want * 8);
+    }
+  }
+}
+
+/** At most this much of the file is read as the snapshot table. */
+const MAX_SNAPSHOT_TABLE_BYTES = 64 * 1024 * 1024;
+/** The first read of an image: the header and its extensions, which end within the first cluster. */
+const HEADER_FIRST_READ_BYTES = 64 * 1024;
+
 export async function readHeader(file: HostFile): Promise<{ header: Qcow2Header; fileSize: number }> {
   const fileSize = await file.size();
-  const head = Buffer.alloc(Math.min(HEADER_PROBE_BYTES, fileSize));
+  let head = Buffer.alloc(Math.min(HEADER_FIRST_READ_BYTES, fileSize));
   await file.pread(head, 0);
+  // The extensions may run to the end of the first cluster: read it all when it is larger.
+  const clusterBits = head.length >= 24 ? head.readUInt32BE(20) : 0;
+  const firstCluster = clusterBits >= 9 && 2 ** clusterBits <= HEADER_PROBE_BYTES ? 2 ** clusterBits : HEADER_PROBE_BYTES;
+  if (Math.min(firstCluster, fileSize) > head.length) {
+    head = Buffer.alloc(Math.min(firstCluster, fileSize));
+    await file.pread(head, 0);
+  }
   try {
     return { header: decodeHeader(head, fileSize), fileSize };
   } catch (err) {
