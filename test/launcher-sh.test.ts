@@ -254,6 +254,9 @@ describe('mounting through the shell path', () => {
       const end = Date.now() + 10_000;
       while (!isMounted(mp) && Date.now() < end) await new Promise((r) => setTimeout(r, 25));
       expect(isMounted(mp)).toBe(true);
+      // Served (the mount shows before the daemon has installed its signal handlers).
+      expect(sha256File(path.join(mp, 'disk.raw'))).toBe(qemuRawSha(img));
+      await new Promise((r) => setTimeout(r, 200));
       expect(child.exitCode).toBeNull();
       child.kill('SIGINT');
       expect(await exited).toBe(0);
