@@ -71,6 +71,6 @@ describe('mount-helper argv', () => {
   it('writes a wrapper that names node and the launcher by absolute path, safely quoted', () => {
     const w = wrapperScript('/opt/node 20/bin/node', "/srv/it's/bin/qcow2fs");
     expect(w.startsWith('#!/bin/sh\n')).toBe(true);
-    expect(w).toContain(`exec '/opt/node 20/bin/node' '/srv/it'\\''s/bin/qcow2fs' "$@"`);
+    expect(w).toContain(`\nexport QCOW2FS_NODE='/opt/node 20/bin/node'\nexec '/srv/it'\\''s/bin/qcow2fs' "$@"\n`);
   });
 });

@@ -39,7 +39,7 @@ beforeAll(() => {
   previousHelper = fs.existsSync(HELPER) ? fs.readFileSync(HELPER) : null;
   const r = qcow2fs(['install-helper']);
   expect(r.code, r.stderr).toBe(0);
-  expect(fs.readFileSync(HELPER, 'utf8')).toMatch(/^exec '\/.+node' '\/.+\/bin\/qcow2fs' "\$@"$/m);
+  expect(fs.readFileSync(HELPER, 'utf8')).toMatch(/^export QCOW2FS_NODE='\/.+node'\nexec '\/.+\/bin\/qcow2fs' "\$@"$/m);
 
   dir = scratchDir('m8img');
   image = path.join(dir, 'disk.qcow2');
@@ -74,6 +74,8 @@ describe('mount(8) and umount(8)', () => {
     expect(pids).toHaveLength(1);
     // The daemon's command line keeps the image path (ps shows what is mounted).
     expect(fs.readFileSync(`/proc/${pids[0]}/cmdline`, 'utf8').split('\0')).toContain(image);
+    // One Node process: the wrapper's bin/qcow2fs started the daemon from its shell part.
+    expect(fs.readFileSync(`/proc/${pids[0]}/cmdline`, 'utf8').split('\0')).toContain('--relay-fd');
     expect(sha256File(path.join(mp, 'disk.raw'))).toBe(want);
 
     const u = run('umount', [mp]);

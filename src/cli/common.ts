@@ -34,17 +34,19 @@ export function setupLogging(argv: GlobalArgs): void {
   configureLogging({ level, json: !!argv['log-json'], ...(argv['log-file'] ? { file: argv['log-file'] } : {}) });
 }
 
+/** What reportError prints for an error (one line, newline included) and the exit status it means. */
+export function formatError(err: unknown): { text: string; code: number } {
+  if (isUserFacing(err)) return { text: `qcow2fs: ${err.message}\n`, code: err instanceof UsageError ? EXIT_USAGE : EXIT_FAILURE };
+  const msg = err instanceof Error ? err.message : String(err);
+  return { text: `qcow2fs: error: ${msg.split('\n')[0]}\n`, code: EXIT_FAILURE };
+}
+
 /** Prints one line for the user; the stack only with --log-level debug. */
 export function reportError(err: unknown): number {
-  if (isUserFacing(err)) {
-    process.stderr.write(`qcow2fs: ${err.message}\n`);
-    log.debug({ stack: (err as Error).stack }, 'error details');
-    return err instanceof UsageError ? EXIT_USAGE : EXIT_FAILURE;
-  }
-  const msg = err instanceof Error ? err.message : String(err);
-  process.stderr.write(`qcow2fs: error: ${msg.split('\n')[0]}\n`);
+  const { text, code } = formatError(err);
+  process.stderr.write(text);
   log.debug({ stack: err instanceof Error ? err.stack : undefined }, 'error details');
-  return EXIT_FAILURE;
+  return code;
 }
 
 /** Runs a command handler: any error becomes a one-line message and a non-zero exit. */

@@ -172,15 +172,18 @@ function shellQuote(s: string): string {
   return `'${s.replace(/'/g, `'\\''`)}'`;
 }
 
-/** The wrapper script: absolute node and launcher, because mount(8) runs helpers with a bare PATH. */
+/**
+ * The wrapper script: absolute node and launcher, because mount(8) runs helpers with a bare PATH.
+ * bin/qcow2fs runs $QCOW2FS_NODE (else `node` from PATH), so that its shell part can start a
+ * mount's daemon itself, as for `qcow2fs mount`.
+ */
 export function wrapperScript(nodePath: string, launcher: string): string {
   return [
     '#!/bin/sh',
     MARKER,
     '# mount -t fuse.qcow2fs runs mount.fuse3, which runs "qcow2fs IMAGE DIR -o OPTS" with a minimal PATH.',
-    '# No TLS here; Node would read this certificate file at start-up (mount time).',
-    'unset NODE_EXTRA_CA_CERTS',
-    `exec ${shellQuote(nodePath)} ${shellQuote(launcher)} "$@"`,
+    `export QCOW2FS_NODE=${shellQuote(nodePath)}`,
+    `exec ${shellQuote(launcher)} "$@"`,
     '',
   ].join('\n');
 }

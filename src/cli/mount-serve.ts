@@ -3,7 +3,7 @@
  * mount it with FUSE, report ready, serve until unmounted or signalled.
  */
 import * as fs from 'node:fs';
-import { signalReady } from '../fuse/daemon';
+import { signalReady, type ReadyMessage } from '../fuse/daemon';
 import { Layout, rawFileName, safeFileName, type NodeMeta } from '../fuse/layout';
 import { FuseMount } from '../fuse/mount';
 import { openImage, type OpenedImage } from '../image/open';
@@ -50,9 +50,14 @@ export async function buildLayout(plan: MountPlan, opened: OpenedImage): Promise
   return layout;
 }
 
-/** The daemon's (or --foreground's) side: open, mount, report ready, serve until stopped. */
-export async function serve(argv: MountArgs): Promise<void> {
+/**
+ * The daemon's (or --foreground's) side: open, mount, report ready, serve until stopped. `tell`
+ * reports how mounting went (default: the JSON ready message on --ready-fd, if any); after an
+ * error it is told, the process exits with status 1.
+ */
+export async function serve(argv: MountArgs, tell?: (msg: ReadyMessage) => void): Promise<void> {
   const readyFd = argv['ready-fd'];
+  const report = tell ?? (readyFd !== undefined ? (msg: ReadyMessage) => signalReady(readyFd, msg) : undefined);
   let opened: OpenedImage | null = null;
   let mount: FuseMount;
   try {
@@ -74,13 +79,13 @@ export async function serve(argv: MountArgs): Promise<void> {
     });
   } catch (err) {
     if (opened) await opened.device.close().catch(() => undefined);
-    if (readyFd !== undefined) {
-      signalReady(readyFd, { error: err instanceof Error ? err.message : String(err) });
+    if (report) {
+      report({ error: err instanceof Error ? err.message : String(err) });
       process.exit(1);
     }
     throw err;
   }
-  signalReady(readyFd, { ok: true });
+  report?.({ ok: true });
   await new Promise<void>((resolve) => {
     let stopping = false;
     const stop = (why: string): void => {

@@ -89,12 +89,15 @@ export function mountCommandHandler(argv: MountArgs): Promise<number | void> {
   return daemonize(argv);
 }
 
-async function daemonize(argv: MountArgs): Promise<void> {
+/**
+ * What `mount` checks before it starts a daemon (usage errors thrown here), and the arguments the
+ * daemon then serves: already checked, paths absolute since the daemon runs in /.
+ */
+export function daemonMountArgs(argv: MountArgs): { plan: MountPlan; daemonArgs: MountArgs } {
   const plan = planMount(argv);
   // Stale and busy mountpoints first: stat() of a stale one fails with ENOTCONN, not ENOENT.
   checkMountpoint(plan.mountpoint);
   if (!fs.existsSync(plan.image)) throw new UsageError(`image ${plan.image}: no such file or directory`);
-  // Only what the daemon needs, already checked; paths made absolute since the daemon runs in /.
   const daemonArgs: MountArgs = {
     image: plan.image,
     mountpoint: plan.mountpoint,
@@ -114,6 +117,11 @@ async function daemonize(argv: MountArgs): Promise<void> {
     ...(argv['log-json'] ? { 'log-json': true } : {}),
     ...(argv['log-file'] ? { 'log-file': path.resolve(argv['log-file']) } : {}),
   };
+  return { plan, daemonArgs };
+}
+
+async function daemonize(argv: MountArgs): Promise<void> {
+  const { plan, daemonArgs } = daemonMountArgs(argv);
   // The image path and --daemon-of stay in the daemon's command line: ps, findDaemons() and lock
   // messages name the mount by them.
   const args = [plan.image, plan.mountpoint, '--daemon-of', plan.mountpoint, '--args', JSON.stringify(daemonArgs)];

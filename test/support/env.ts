@@ -64,15 +64,19 @@ export function qemuIo(image: string, cmds: string[], format = 'qcow2'): string 
   return out;
 }
 
-/** Run the qcow2fs CLI (built dist) and return its result. */
+/**
+ * Run the qcow2fs CLI (built dist) as users do, as a command (its #! line: the shell part of
+ * bin/qcow2fs, which starts a plain mount's daemon itself), and return its result. Tests that
+ * want the Node launcher alone run `process.execPath BIN ...`.
+ */
 export function qcow2fs(args: string[], opts: SpawnSyncOptions = {}): RunResult {
-  return run(process.execPath, [BIN, ...args], opts);
+  return run(BIN, args, opts);
 }
 
 /** Run the CLI asynchronously (for commands that must not block the test's event loop). */
 export function qcow2fsAsync(args: string[], opts: { cwd?: string } = {}): Promise<RunResult> {
   return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [BIN, ...args], { cwd: opts.cwd, stdio: ['ignore', 'pipe', 'pipe'] });
+    const child = spawn(BIN, args, { cwd: opts.cwd, stdio: ['ignore', 'pipe', 'pipe'] });
     let stdout = '';
     let stderr = '';
     child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
