@@ -29,6 +29,8 @@ import { log } from '../log';
 const MAX_SLOT_BITS = 18;
 /** Clusters published at once when a region is first read through the engine. */
 const WINDOW_CLUSTERS = 8192;
+/** Regions remembered as published whole (then the set starts again). */
+const MAX_REGIONS_REMEMBERED = 65536;
 /** Triples [cluster, fd, host] per native publish call. */
 const BATCH = 1024;
 /** Flag added to a slot's fd: writes may go to the same host bytes (see PlainRun.writable). */
@@ -88,6 +90,8 @@ export class DirectReadMap implements MappingObserver {
     const region = Math.floor(offset / this.windowBytes);
     // After the first write of a region its clusters may have become writable in place: again.
     const seen = afterWrite ? this.publishedForWrites : this.published;
+    // Bounded: tiny clusters on a huge disk make many regions (forgetting one costs a republish).
+    if (seen.size >= MAX_REGIONS_REMEMBERED) seen.clear();
     if (!seen.has(region)) {
       seen.add(region);
       this.publishRange(region * this.windowBytes, Math.min(this.dev.size, (region + 1) * this.windowBytes));
