@@ -322,6 +322,48 @@ describe('--foreground and request size', () => {
   });
 });
 
+describe('--foreground and signals at start-up', () => {
+  it('a SIGINT at any moment of start-up never leaves a dead mount behind', async () => {
+    const dir = scratchDir('fgsig');
+    const img = smallImage(dir);
+    const mp = path.join(dir, 'mnt');
+    fs.mkdirSync(mp);
+    const codes: (number | null)[] = [];
+    let sawMounted = 0;
+    try {
+      // How long until the mount shows; then SIGINTs spread over start-up (before the image is
+      // open, once serving) and packed around that moment, where the kernel mount exists but the
+      // daemon is not serving yet.
+      const t0 = Date.now();
+      const probe = spawn(BIN, ['mount', '--foreground', '--read-only', img, mp], { stdio: 'ignore' });
+      const probeExit = new Promise((resolve) => probe.on('exit', resolve));
+      expect(await waitFor(() => isMounted(mp), 10_000)).toBe(true);
+      const shows = Date.now() - t0;
+      probe.kill('SIGINT');
+      await probeExit;
+      const delays = [20, 60, 100, shows + 100, shows + 300];
+      for (let d = Math.max(1, shows - 24); d <= shows + 24; d += 4) delays.push(d);
+      for (const delay of delays) {
+        const child = spawn(BIN, ['mount', '--foreground', '--read-only', img, mp], { stdio: ['ignore', 'ignore', 'pipe'] });
+        const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
+        await new Promise((r) => setTimeout(r, delay));
+        if (isMounted(mp)) sawMounted++;
+        child.kill('SIGINT');
+        codes.push(await exited);
+        // The mount is gone with the process: no "Transport endpoint is not connected" left.
+        expect(isMounted(mp), `SIGINT after ${delay} ms left the mount behind`).toBe(false);
+        expect(() => fs.readdirSync(mp), `mountpoint after a SIGINT at ${delay} ms`).not.toThrow();
+      }
+    } finally {
+      forceUnmount(mp);
+    }
+    // Killed before Node set its handlers (no status), interrupted while opening (130), or
+    // stopped cleanly (0); some of them once the mount was there.
+    expect(codes.every((c) => c === null || c === 0 || c === 130), codes.join(',')).toBe(true);
+    expect(sawMounted).toBeGreaterThan(0);
+  });
+});
+
 describe('help and version', () => {
   it('--help of each verb shows an example; --version prints the package version', () => {
     for (const verb of ['mount', 'umount', 'info']) {

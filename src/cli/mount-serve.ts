@@ -60,6 +60,20 @@ export async function serve(argv: MountArgs, tell?: (msg: ReadyMessage) => void)
   const report = tell ?? (readyFd !== undefined ? (msg: ReadyMessage) => signalReady(readyFd, msg) : undefined);
   let opened: OpenedImage | null = null;
   let mount: FuseMount;
+  // Signals: while opening, exit at once (nothing is mounted); from the mount call until serving,
+  // remember the request and unmount as soon as the mount exists (otherwise a signal in that
+  // window would leave a dead mount behind); then stop cleanly.
+  let phase: 'opening' | 'mounting' | 'serving' = 'opening';
+  let pendingStop: string | null = null;
+  let stopServing: ((why: string) => void) | null = null;
+  const onSignal = (why: string): void => {
+    if (phase === 'opening') process.exit(why === 'SIGINT' ? 130 : 143);
+    if (stopServing) stopServing(why);
+    else pendingStop ??= why;
+  };
+  process.on('SIGINT', () => onSignal('SIGINT'));
+  process.on('SIGTERM', () => onSignal('SIGTERM'));
+  process.on('SIGHUP', () => undefined);
   try {
     const plan = planMount(argv);
     opened = await openImage(plan.image, {
@@ -72,6 +86,7 @@ export async function serve(argv: MountArgs, tell?: (msg: ReadyMessage) => void)
       lock: plan.forceShare ? 'share' : 'qemu',
     });
     const layout = await buildLayout(plan, opened);
+    phase = 'mounting';
     mount = await FuseMount.mount(plan.mountpoint, layout, {
       fsname: plan.image,
       readOnly: plan.readOnly || opened.device.readOnly,
@@ -97,10 +112,10 @@ export async function serve(argv: MountArgs, tell?: (msg: ReadyMessage) => void)
         resolve();
       });
     };
-    process.on('SIGINT', () => stop('SIGINT'));
-    process.on('SIGTERM', () => stop('SIGTERM'));
-    process.on('SIGHUP', () => undefined);
+    phase = 'serving';
+    stopServing = stop;
     mount.watchExternalUnmount(() => stop('unmounted'));
+    if (pendingStop !== null) stop(pendingStop);
   });
   // fuse-native's thread may still hold the loop; the image is closed, so leave now.
   process.exit(0);
