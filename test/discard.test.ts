@@ -115,6 +115,44 @@ describe('discard (fallocate punch hole / zero range) through the mount', () => 
     }
   });
 
+  it('fstrim of ext4 on a loop device over the raw file gives the space of deleted files back', async () => {
+    need('root', 'qemu-img', 'mkfs.ext4', 'losetup', 'mount', 'umount', 'fstrim', 'e2fsck', '/dev/fuse', '/dev/loop-control');
+    const dir = scratchDir('fstrim');
+    const image = path.join(dir, 'disk.qcow2');
+    const fsDir = path.join(dir, 'fs');
+    fs.mkdirSync(fsDir);
+    qemuImg('create', '-q', '-f', 'qcow2', image, String(512 * MiB));
+    const allocated = (): number =>
+      (JSON.parse(run('qemu-img', ['check', '-U', '--output', 'json', image]).stdout) as { 'allocated-clusters'?: number })['allocated-clusters'] ?? 0;
+    let before = 0;
+    await withMount(image, [], (raw) => {
+      const loop = run('losetup', ['--find', '--show', raw]).stdout.trim();
+      expect(loop).toMatch(/^\/dev\/loop\d+$/);
+      try {
+        expect(run('mkfs.ext4', ['-q', '-F', loop]).code).toBe(0);
+        expect(run('mount', [loop, fsDir]).code).toBe(0);
+        try {
+          fs.writeFileSync(path.join(fsDir, 'big'), Buffer.alloc(64 * MiB, 0x5a));
+          expect(run('sync', ['-f', fsDir]).code).toBe(0);
+          before = allocated();
+          fs.rmSync(path.join(fsDir, 'big'));
+          expect(run('sync', ['-f', fsDir]).code).toBe(0);
+          const trim = run('fstrim', ['-v', fsDir]);
+          expect(trim.code, trim.stderr).toBe(0);
+        } finally {
+          run('umount', [fsDir]);
+        }
+        const fsck = run('e2fsck', ['-fn', loop]);
+        expect(fsck.code, fsck.stdout + fsck.stderr).toBe(0);
+      } finally {
+        run('losetup', ['-d', loop]);
+      }
+    });
+    expectCheckClean(image);
+    // 64 MiB is 1024 clusters of 64 KiB: at least those came back.
+    expect(before - allocated(), `allocated clusters ${before} before the trim, ${allocated()} after`).toBeGreaterThanOrEqual(1000);
+  });
+
   it('gives host space back: discarding everything leaves only metadata allocated', async () => {
     need('qemu-img', 'qemu-io', 'fallocate', '/dev/fuse');
     const dir = scratchDir('discard-all');
