@@ -41,6 +41,8 @@ export function maxReadBytes(patchedBinding: boolean): number {
  * piece): the kernel default is 12, below a queue depth of 16.
  */
 export const MAX_BACKGROUND = 64;
+/** How long stop() waits for fusermount to report back before it goes on (see stop()). */
+const UNMOUNT_WAIT_MS = 5000;
 
 export interface FuseMountOptions {
   /** Shown as the mount's source in /proc/mounts (the image path). */
@@ -197,9 +199,24 @@ export class FuseMount {
     if (this.poller) clearInterval(this.poller);
     if (this.isMounted()) {
       await new Promise<void>((resolve) => {
+        // Seen once in a full test run: fusermount had unmounted and exited, but its exit never
+        // reached Node (a zombie child, no callback), and the daemon waited forever instead of
+        // flushing and closing the image. So the wait is bounded; whether the mount is gone is
+        // what counts.
+        let done = false;
+        const finish = (): void => {
+          if (done) return;
+          done = true;
+          clearTimeout(timer);
+          resolve();
+        };
+        const timer = setTimeout(() => {
+          if (!done) log.warn({ mountpoint: this.mountpoint }, `fusermount did not report back in ${UNMOUNT_WAIT_MS} ms${this.isMounted() ? '; still mounted' : '; the mount is gone'}`);
+          finish();
+        }, UNMOUNT_WAIT_MS);
         execFile('fusermount', ['-u', '-z', this.mountpoint], (err) => {
           if (err) log.warn({ mountpoint: this.mountpoint }, `unmount failed: ${err.message.trim()}`);
-          resolve();
+          finish();
         });
       });
     }
