@@ -339,12 +339,7 @@ export class Qcow2Writer {
       }
     }
     this.pendingFrees.push(...frees);
-    const tableOffset = img.l1.l2Offsets[l1Index]!;
-    this.dirtyL2.add(tableOffset);
-    img.l2Cache.pin(tableOffset);
-    if (img.l2Cache.peek(tableOffset) !== table) img.l2Cache.insert(tableOffset, table);
-    if (this.metadataDirtyBytes() > DIRTY_BUDGET_BYTES) await this.flushLocked();
-    else this.scheduleWriteback();
+    await this.tableChanged(l1Index, table);
     return { length };
   }
 
@@ -796,10 +791,16 @@ export class Qcow2Writer {
       this.setEntry(table, j.l2Index, j.target, zeroBits, allocBits);
       this.pendingFrees.push(...j.frees);
     }
-    const tableOffset = this.img.l1.l2Offsets[l1Index]!;
+    await this.tableChanged(l1Index, table);
+  }
+
+  /** An L2 table was changed in memory (lock held): keep it cached and dirty, write back in time. */
+  private async tableChanged(l1Index: number, table: Buffer): Promise<void> {
+    const img = this.img;
+    const tableOffset = img.l1.l2Offsets[l1Index]!;
     this.dirtyL2.add(tableOffset);
-    this.img.l2Cache.pin(tableOffset);
-    if (this.img.l2Cache.peek(tableOffset) !== table) this.img.l2Cache.insert(tableOffset, table);
+    img.l2Cache.pin(tableOffset);
+    if (img.l2Cache.peek(tableOffset) !== table) img.l2Cache.insert(tableOffset, table);
     if (this.metadataDirtyBytes() > DIRTY_BUDGET_BYTES) await this.flushLocked();
     else this.scheduleWriteback();
   }
