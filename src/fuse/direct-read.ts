@@ -92,12 +92,17 @@ export class DirectReadMap implements MappingObserver {
     const seen = afterWrite ? this.publishedForWrites : this.published;
     // Bounded: tiny clusters on a huge disk make many regions (forgetting one costs a republish).
     if (seen.size >= MAX_REGIONS_REMEMBERED) seen.clear();
+    const cs = this.clusterSize;
+    let from = Math.floor(offset / cs) * cs;
+    const to = Math.min(this.dev.size, Math.ceil((offset + length) / cs) * cs);
     if (!seen.has(region)) {
       seen.add(region);
-      this.publishRange(region * this.windowBytes, Math.min(this.dev.size, (region + 1) * this.windowBytes));
+      const regionEnd = Math.min(this.dev.size, (region + 1) * this.windowBytes);
+      this.publishRange(region * this.windowBytes, regionEnd);
+      // The request's own clusters were in it, unless the request runs into the next region.
+      from = Math.max(from, regionEnd);
     }
-    const cs = this.clusterSize;
-    this.publishRange(Math.floor(offset / cs) * cs, Math.min(this.dev.size, Math.ceil((offset + length) / cs) * cs));
+    if (from < to) this.publishRange(from, to);
   }
 
   /** Publishes every cluster of [start, end) (start cluster-aligned) that one plain run covers whole. */
