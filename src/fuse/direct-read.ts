@@ -19,7 +19,16 @@
  * the engine itself would write in place); a write whose clusters all are is done on the worker
  * with pwrite, and counted; the count reaches the device (noteExternalWrites) before every
  * flush/fsync, so the flush syncs them.
- * QCOW2FS_NO_DIRECT_READ=1 turns it off (A/B measurements, debugging).
+ * Allocating writes too: a zero slot may say "allocatable" (PlainRun 'zero', allocatable: no host
+ * cluster, nothing of the engine deciding about it). The binding then takes a fresh host cluster
+ * from a pool the engine reserved (BlockDevice.reserveFresh: zeros, refcount taken), makes the
+ * slot writable there, logs the pair (guest cluster, host) and writes. The engine takes the log
+ * (MappingObserver.takeAllocations) into its L2 tables before it next looks at those clusters'
+ * metadata (its writes, discards and flushes), here before a read goes to it, and every
+ * SETTLE_INTERVAL_MS; until it has, the map refuses publishes (they would be stale). Unused pool
+ * clusters go back at close.
+ * QCOW2FS_NO_DIRECT_READ=1 turns it off (A/B measurements, debugging); QCOW2FS_NO_NATIVE_ALLOC=1
+ * only the allocating writes.
  */
 import type FuseTypes from 'fuse-native';
 import type { BlockDevice, MappingObserver } from '../image/blockdev';
@@ -35,6 +44,17 @@ const MAX_REGIONS_REMEMBERED = 65536;
 const BATCH = 1024;
 /** Flag added to a slot's fd: writes may go to the same host bytes (see PlainRun.writable). */
 const SLOT_WRITABLE = 0x40000000;
+/** A slot's fd for zeros that a write may allocate. */
+const SLOT_ALLOCATABLE = -2;
+/** Fresh clusters reserved at a time (the binding holds two such ranges at most). */
+const POOL_BYTES = 32 * 1024 * 1024;
+const POOL_MIN_CLUSTERS = 16;
+const POOL_MAX_CLUSTERS = 4096;
+/**
+ * How often allocations done natively are taken into the engine's metadata when nothing else
+ * does (QCOW2FS_ALLOC_SETTLE_MS: tests make it long, so that only reads, writes and flushes do).
+ */
+const SETTLE_INTERVAL_MS = Number(process.env.QCOW2FS_ALLOC_SETTLE_MS) > 0 ? Number(process.env.QCOW2FS_ALLOC_SETTLE_MS) : 500;
 
 export class DirectReadMap implements MappingObserver {
   private readonly clusterSize: number;
@@ -47,6 +67,15 @@ export class DirectReadMap implements MappingObserver {
   private readonly triples = new Float64Array(BATCH * 3);
   private pending = 0;
   private closed = false;
+  /** Writes may allocate clusters from a pool (see the top of this file). */
+  private readonly allocating: boolean;
+  private readonly poolClusters: number;
+  /** Native allocations the engine has taken into its metadata. */
+  private adoptedCount = 0;
+  /** A publish was refused (allocations not taken yet) during the current learn(). */
+  private refused = false;
+  private poolRequest: Promise<void> | null = null;
+  private settleTimer: NodeJS.Timeout | null = null;
 
   private constructor(
     private readonly native: FuseTypes.DirectReadMapsNative,
@@ -57,6 +86,14 @@ export class DirectReadMap implements MappingObserver {
   ) {
     this.clusterSize = 2 ** clusterBits;
     this.windowBytes = Math.min(this.clusterSize * WINDOW_CLUSTERS, dev.mapRegionBytes ?? Infinity);
+    this.allocating =
+      !dev.readOnly && dev.reserveFresh !== undefined && dev.releaseFresh !== undefined && dev.settleAllocations !== undefined && process.env.QCOW2FS_NO_NATIVE_ALLOC === undefined;
+    const diskClusters = Math.ceil(dev.size / this.clusterSize);
+    this.poolClusters = Math.max(1, Math.min(diskClusters, Math.max(POOL_MIN_CLUSTERS, Math.min(POOL_MAX_CLUSTERS, Math.floor(POOL_BYTES / this.clusterSize)))));
+    if (this.allocating) {
+      this.settleTimer = setInterval(() => this.tick(), SETTLE_INTERVAL_MS);
+      this.settleTimer.unref();
+    }
   }
 
   /** A map for the raw file at `path` of a mounted Fuse, or null (stock binding, unsuitable device, turned off). */
@@ -95,6 +132,7 @@ export class DirectReadMap implements MappingObserver {
     const cs = this.clusterSize;
     let from = Math.floor(offset / cs) * cs;
     const to = Math.min(this.dev.size, Math.ceil((offset + length) / cs) * cs);
+    this.refused = false;
     if (!seen.has(region)) {
       seen.add(region);
       const regionEnd = Math.min(this.dev.size, (region + 1) * this.windowBytes);
@@ -103,6 +141,12 @@ export class DirectReadMap implements MappingObserver {
       from = Math.max(from, regionEnd);
     }
     if (from < to) this.publishRange(from, to);
+    if (this.refused) {
+      // The engine's answers were stale (native allocations not taken yet): again next time.
+      seen.delete(region);
+      this.settleSoon();
+    }
+    if (afterWrite) this.ensurePool();
   }
 
   /** Publishes every cluster of [start, end) (start cluster-aligned) that one plain run covers whole. */
@@ -120,7 +164,7 @@ export class DirectReadMap implements MappingObserver {
           // Clusters that start inside the run and end inside it (or at the device's end).
           for (let c = Math.ceil(pos / cs); c * cs < runEnd && Math.min((c + 1) * cs, size) <= runEnd; c++) {
             if (run.kind === 'data') this.emit(c, run.writable ? run.fd + SLOT_WRITABLE : run.fd, run.hostOffset + (c * cs - pos));
-            else this.emit(c, -1, 0);
+            else this.emit(c, run.allocatable && this.allocating ? SLOT_ALLOCATABLE : -1, 0);
           }
         }
         pos = runEnd;
@@ -142,8 +186,52 @@ export class DirectReadMap implements MappingObserver {
 
   private flushEmits(): void {
     if (this.pending === 0) return;
-    this.native.publish(this.index, this.triples, this.pending);
+    if (!this.native.publish(this.index, this.triples, this.pending, this.adoptedCount)) this.refused = true;
     this.pending = 0;
+  }
+
+  // Native allocations
+
+  takeAllocations(out: Float64Array): number {
+    return this.allocating ? this.native.takeAllocations(this.index, out) : 0;
+  }
+
+  adopted(pairs: number): void {
+    this.adoptedCount += pairs;
+  }
+
+  /** Whether the binding allocated clusters the engine has not taken yet (a read must wait for them). */
+  pendingAllocations(): boolean {
+    return this.allocating && !this.closed && this.native.pending(this.index) > 0;
+  }
+
+  private settleSoon(): void {
+    if (this.closed || !this.allocating) return;
+    this.dev.settleAllocations!().catch((err: unknown) => log.error({ path: this.path }, `taking native allocations failed: ${(err as Error).message}`));
+  }
+
+  private tick(): void {
+    if (this.closed) return;
+    if (this.native.pending(this.index) > 0) this.settleSoon();
+    this.ensurePool();
+  }
+
+  /** Keeps the binding's pool of fresh clusters at one range or more, once the device was written. */
+  private ensurePool(): void {
+    if (!this.allocating || this.closed || this.poolRequest !== null) return;
+    if (this.native.stats(this.index)[6] >= this.poolClusters * this.clusterSize) return;
+    const bytes = this.poolClusters * this.clusterSize;
+    const dev = this.dev;
+    this.poolRequest = dev
+      .reserveFresh!(this.poolClusters)
+      .then(async (r) => {
+        if (r === null) return;
+        if (this.closed || !this.native.supply(this.index, r.fd, r.hostOffset, bytes)) await dev.releaseFresh!(r.hostOffset, bytes);
+      })
+      .catch((err: unknown) => log.debug({ path: this.path, err: (err as Error).message }, 'no fresh clusters for native allocation'))
+      .finally(() => {
+        this.poolRequest = null;
+      });
   }
 
   // MappingObserver (called by the engine's writer, on the JS thread)
@@ -164,8 +252,11 @@ export class DirectReadMap implements MappingObserver {
     if (!this.closed) this.native.setSize(this.index, this.dev.size);
   }
 
-  /** [reads answered natively, reads handed to the engine, writes done natively, writes handed to the engine]. */
-  stats(): [number, number, number, number] {
+  /**
+   * [reads answered natively, reads handed to the engine, writes done natively, writes handed to
+   * the engine, clusters allocated natively, of them not taken yet, pool bytes left].
+   */
+  stats(): [number, number, number, number, number, number, number] {
     return this.native.stats(this.index);
   }
 
@@ -181,14 +272,30 @@ export class DirectReadMap implements MappingObserver {
     return true;
   }
 
-  /** Before the device closes: no direct read runs or starts any more. */
-  close(): void {
+  /**
+   * Before the device closes: no direct read or write runs or starts any more, native
+   * allocations are in the engine's metadata, and unused pool clusters are given back.
+   */
+  async close(): Promise<void> {
     if (this.closed) return;
     this.native.disable(this.index);
+    if (this.settleTimer) clearInterval(this.settleTimer);
+    this.settleTimer = null;
+    if (this.allocating) {
+      await this.poolRequest;
+      try {
+        await this.dev.settleAllocations!();
+        const left = this.native.takePool(this.index);
+        // The last range first, so that the file's end can move back over both.
+        for (let i = left.length - 2; i >= 0; i -= 2) await this.dev.releaseFresh!(left[i]!, left[i + 1]!);
+      } catch (err) {
+        log.error({ path: this.path }, `taking native allocations failed: ${(err as Error).message}`);
+      }
+    }
     this.syncWrites();
     this.closed = true;
     this.dev.observeMappings?.(null);
-    const [hits, misses, writes, writeMisses] = this.stats();
-    log.debug({ path: this.path, hits, misses, writes, writeMisses }, 'direct read map closed');
+    const [hits, misses, writes, writeMisses, allocs] = this.stats();
+    log.debug({ path: this.path, hits, misses, writes, writeMisses, allocs }, 'direct read map closed');
   }
 }

@@ -71,8 +71,11 @@ declare module 'fuse-native' {
   interface DirectReadMapsNative {
     /** A map for the file at `path`; its index, or -1. */
     attach(path: string, clusterBits: number, slotBits: number, sizeBytes: number): number;
-    /** Sets `count` slots from triples [guest cluster, fd (-1: zeros), host offset]. */
-    publish(index: number, triples: Float64Array, count: number): void;
+    /**
+     * Sets `count` slots from triples [guest cluster, fd (-1: zeros, -2: zeros and allocatable),
+     * host offset]; refused (false) unless `adopted` equals the allocations done natively so far.
+     */
+    publish(index: number, triples: Float64Array, count: number, adopted: number): boolean;
     /** Empties the slots of clusters [firstCluster, +count); count -1: every slot. */
     invalidate(index: number, firstCluster: number, count: number): void;
     /** Returns once no direct read that started before the call is still running. */
@@ -80,8 +83,19 @@ declare module 'fuse-native' {
     setSize(index: number, sizeBytes: number): void;
     /** Every later read goes to JS; returns once running direct reads have ended. */
     disable(index: number): void;
-    /** [reads answered natively, reads handed to JS, writes done natively, writes handed to JS]. */
-    stats(index: number): [number, number, number, number];
+    /**
+     * [reads answered natively, reads handed to JS, writes done natively, writes handed to JS,
+     * clusters allocated natively, of them not taken yet, pool bytes left].
+     */
+    stats(index: number): [number, number, number, number, number, number, number];
+    /** Moves native allocations [guest cluster, host offset, ...] from the log into out; the pair count. */
+    takeAllocations(index: number, out: Float64Array): number;
+    /** Adds fresh host clusters [host, +bytes) of fd to the pool; false when the pool is full. */
+    supply(index: number, fd: number, host: number, bytes: number): boolean;
+    /** Empties the pool: [host, bytes, ...] of what was left. */
+    takePool(index: number): number[];
+    /** Native allocations not taken yet. */
+    pending(index: number): number;
   }
   }
   class Fuse {

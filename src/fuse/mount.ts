@@ -221,7 +221,7 @@ export class FuseMount {
       });
     }
     // No read may still use a device's descriptors once it closes.
-    for (const map of this.state.directReads?.values() ?? []) map.close();
+    for (const map of this.state.directReads?.values() ?? []) await map.close();
     for (const dev of this.layout.devices()) {
       try {
         await dev.flush();

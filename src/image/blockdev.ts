@@ -28,7 +28,11 @@ export type PlainRun =
    * `writable`: writes may go to the same host bytes, with nothing else to update.
    */
   | { kind: 'data'; length: number; fd: number; hostOffset: number; writable: boolean }
-  | { kind: 'zero'; length: number }
+  /**
+   * `allocatable`: a write may give these clusters fresh host clusters (from reserveFresh) without
+   * the engine, which takes them into its metadata later (MappingObserver.takeAllocations).
+   */
+  | { kind: 'zero'; length: number; allocatable?: boolean }
   /** Anything else (compressed, metadata not cached, ...): only the engine can read it. */
   | { kind: 'other'; length: number };
 
@@ -38,6 +42,14 @@ export interface MappingObserver {
   changed(offset: number, length: number): void;
   /** Host space that held guest data is being freed and may be reused once this returns. */
   freeing(): void;
+  /**
+   * Clusters the observer allocated itself (writes to `allocatable` clusters, into clusters from
+   * reserveFresh), not yet in the engine's metadata: moves them into `out` as pairs [guest
+   * cluster, host offset] and returns the pair count (0: none). The engine takes them before it
+   * looks at those clusters' metadata, and calls adopted() once they are in it.
+   */
+  takeAllocations?(out: Float64Array): number;
+  adopted?(pairs: number): void;
 }
 
 export interface BlockDevice {
@@ -67,6 +79,15 @@ export interface BlockDevice {
   observeMappings?(obs: MappingObserver | null): void;
   /** Data was written to `writable` plainRunCached() ranges by someone else: flush() must sync it. */
   noteExternalWrites?(): void;
+  /**
+   * `clusters` fresh host clusters of the descriptor `fd` (contiguous, reading as zeros, their
+   * refcount taken) for a MappingObserver that allocates itself; null when the device cannot.
+   */
+  reserveFresh?(clusters: number): Promise<{ fd: number; hostOffset: number } | null>;
+  /** Gives back reserved clusters [hostOffset, +bytes) that were not used. */
+  releaseFresh?(hostOffset: number, bytes: number): Promise<void>;
+  /** Takes the observer's allocations (takeAllocations) into the metadata now. */
+  settleAllocations?(): Promise<void>;
   write(buf: Uint8Array, offset: number): Promise<void>;
   /** The range reads as zeros afterwards, and its host space may be given back. */
   discard(offset: number, length: number): Promise<void>;

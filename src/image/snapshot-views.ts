@@ -43,7 +43,8 @@ class BorrowedDevice implements BlockDevice {
   }
   plainRunCached(offset: number, maxLength: number): PlainRun {
     const run = this.inner.plainRunCached(offset, maxLength);
-    return run.kind === 'data' && run.writable ? { ...run, writable: false } : run;
+    if (run.kind === 'data' && run.writable) return { ...run, writable: false };
+    return run.kind === 'zero' && run.allocatable ? { kind: 'zero', length: run.length } : run;
   }
   write(buf: Uint8Array, offset: number): Promise<void> {
     return this.inner.write(buf, offset);

@@ -307,18 +307,28 @@ export class Qcow2Image implements BlockDevice {
         if (!(this.file instanceof FdFile)) return { kind: 'other', length: m.length };
         return { kind: 'data', length: m.length, fd: this.file.fd, hostOffset: m.hostOffset, writable: this.writer?.canWriteInPlace(offset, m.length) ?? false };
       case 'zero':
-        return { kind: 'zero', length: m.length };
+        return this.zeroRun(offset, m.length);
       case 'compressed':
         return { kind: 'other', length: m.length };
       case 'unallocated': {
         const b = this.backing;
-        if (b === null || offset >= b.size) return { kind: 'zero', length: m.length };
+        if (b === null || offset >= b.size) return this.zeroRun(offset, m.length);
         const inBacking = Math.min(m.length, b.size - offset);
         const run = b.plainRunCached ? b.plainRunCached(offset, inBacking) : { kind: 'other' as const, length: inBacking };
-        // The backing file's bytes are read-only from here: a write allocates in this layer.
-        return run.kind === 'data' && run.writable ? { ...run, writable: false } : run;
+        // The backing file's bytes are read-only from here: a write allocates in this layer
+        // (where the backing file reads as zeros, a fresh cluster of this layer reads the same).
+        if (run.kind === 'data') return run.writable ? { ...run, writable: false } : run;
+        if (run.kind === 'zero') return this.zeroRun(offset, run.length);
+        return run;
       }
     }
+  }
+
+  /** A 'zero' PlainRun from offset: as long as whether a write may allocate it natively stays the same. */
+  private zeroRun(offset: number, length: number): PlainRun {
+    if (!this.writer) return { kind: 'zero', length };
+    const f = this.writer.freshRun(offset, length);
+    return { kind: 'zero', length: f.length, allocatable: f.allocatable };
   }
 
   observeMappings(obs: MappingObserver | null): void {
@@ -327,6 +337,20 @@ export class Qcow2Image implements BlockDevice {
 
   noteExternalWrites(): void {
     this.writer?.noteExternalWrites();
+  }
+
+  async reserveFresh(clusters: number): Promise<{ fd: number; hostOffset: number } | null> {
+    if (!this.writer || !(this.file instanceof FdFile)) return null;
+    const hostOffset = await this.writer.reserveFresh(clusters);
+    return { fd: this.file.fd, hostOffset };
+  }
+
+  async releaseFresh(hostOffset: number, bytes: number): Promise<void> {
+    await this.writer?.releaseFresh(hostOffset, bytes);
+  }
+
+  async settleAllocations(): Promise<void> {
+    await this.writer?.settleAllocations();
   }
 
   async read(buf: Uint8Array, offset: number): Promise<void> {

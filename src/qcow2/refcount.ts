@@ -244,6 +244,37 @@ export class RefcountManager {
     return runStart * this.clusterSize;
   }
 
+  /**
+   * Allocates `n` clusters at the end of what is in use (refcount 0 -> 1): never used since the
+   * image was opened and past the end the file had then, so they read as zeros.
+   */
+  async allocateFresh(n: number): Promise<number> {
+    const start = this.endCluster;
+    // Reserve the run first: new refcount blocks are placed past it.
+    this.endCluster = start + n;
+    await this.adjust(start * this.clusterSize, n * this.clusterSize, 1);
+    return start * this.clusterSize;
+  }
+
+  /**
+   * Gives back clusters of allocateFresh() that were never used (no entry refers to them); when
+   * they are the last in use, the end moves back too.
+   */
+  async releaseFresh(offset: number, bytes: number): Promise<void> {
+    await this.adjust(offset, bytes, -1);
+    if (offset + bytes === this.endBytes) this.endCluster = offset / this.clusterSize;
+  }
+
+  /**
+   * One past the last cluster in use, looking back from the end over at most `maxScan` free
+   * clusters (the file may be cut there: nothing refers to what lies past it).
+   */
+  async usedEnd(maxScan = 1 << 20): Promise<number> {
+    let c = this.endCluster;
+    while (c > 1 && this.endCluster - c < maxScan && (await this.get(c - 1)) === 0) c--;
+    return c * this.clusterSize;
+  }
+
   /** The block for bi, creating it (and growing the table) when missing. */
   private async ensureBlock(bi: number): Promise<Buffer> {
     const existing = await this.block(bi);

@@ -106,6 +106,15 @@ export class Qcow2Writer {
   private fileMayBeShort = false;
   private writebackTimer: NodeJS.Timeout | null = null;
   private failed: Error | null = null;
+  /**
+   * planRun/zeroRun calls under way: while one runs, no cluster is "allocatable" by the mapping
+   * observer (see freshRun), so it cannot allocate a cluster the engine is deciding about.
+   */
+  private planning = 0;
+  /** Reserved clusters were given back: at close, the file loses what lies past the clusters in use. */
+  private trimOnClose = false;
+  /** Pairs [guest cluster, host offset] taken from the mapping observer (see adoptAllocations). */
+  private adoptBuf: Float64Array | null = null;
   /** In-place fast-path writes still running (they take no lock): frees wait for them. */
   private fastWritesRunning = 0;
   private fastWritesDrained: (() => void) | null = null;
@@ -259,7 +268,14 @@ export class Qcow2Writer {
     while (pos < b) {
       const step = await this.lock.run(async () => {
         await this.prepare();
-        return this.zeroRun(pos, b - pos);
+        this.planning++;
+        try {
+          // zeroRun stays inside one L2 table.
+          await this.settleLocked(pos, Math.min(b - pos, this.bytesPerL2 - (pos % this.bytesPerL2)));
+          return await this.zeroRun(pos, b - pos);
+        } finally {
+          this.planning--;
+        }
       });
       if ('wait' in step) {
         await step.wait;
@@ -418,6 +434,124 @@ export class Qcow2Writer {
     return this.prepared && this.failed === null && len > 0 && this.inPlaceTable(offset, len) !== null;
   }
 
+  /**
+   * Whether the clusters from `offset` may be allocated by the mapping observer itself (PlainRun
+   * 'zero', allocatable): no host cluster (unallocated, or zero without a preallocated cluster),
+   * the L2 table cached or absent, no write of the engine deciding about them; and for how many
+   * bytes of [offset, +len) that answer holds (at least to the end of the first cluster).
+   */
+  freshRun(offset: number, len: number): { allocatable: boolean; length: number } {
+    if (!this.prepared || this.failed !== null || this.planning > 0 || len <= 0) return { allocatable: false, length: len };
+    const img = this.img;
+    const g = img.geometry;
+    const cs = this.cs;
+    const l1 = img.l1;
+    const firstCluster = Math.floor(offset / cs);
+    const lastCluster = Math.floor((offset + len - 1) / cs);
+    const checkInflight = this.inflight.size > 0;
+    let tableIndex = -1;
+    let table: Buffer | null | undefined = null;
+    let first: boolean | null = null;
+    let gc = firstCluster;
+    for (; gc <= lastCluster; gc++) {
+      let ok = !(checkInflight && this.inflight.has(gc));
+      const l1Index = Math.floor(gc / g.l2Entries);
+      if (l1Index !== tableIndex) {
+        tableIndex = l1Index;
+        const l2Offset = l1Index < l1.l2Offsets.length ? l1.l2Offsets[l1Index]! : -1;
+        table = l2Offset < 0 ? undefined : l2Offset === 0 ? null : img.l2Cache.peek(l2Offset);
+      }
+      if (table === undefined) {
+        ok = false;
+      } else if (ok && table !== null) {
+        const at = (gc - l1Index * g.l2Entries) * g.l2EntryBytes;
+        const hi = table.readUInt32BE(at);
+        ok = (hi & OFLAG_COMPRESSED_HI) === 0 && entryOffset(hi, table.readUInt32BE(at + 4)) === 0 && !(g.extendedL2 && table.readUInt32BE(at + 12) !== 0);
+      }
+      if (first === null) first = ok;
+      else if (ok !== first) break;
+    }
+    return { allocatable: first === true, length: Math.min(len, gc * cs - offset) };
+  }
+
+  /** Fresh clusters for the mapping observer (BlockDevice.reserveFresh): their host offset. */
+  reserveFresh(clusters: number): Promise<number> {
+    return this.lock.run(async () => {
+      this.check();
+      const rc = await this.prepare();
+      const host = await rc.allocateFresh(clusters);
+      this.img.noteFileEnd(rc.endBytes);
+      // Writes into them may leave the file short of their end (flushLocked extends it).
+      this.fileMayBeShort = true;
+      return host;
+    });
+  }
+
+  /** Reserved clusters that were not used: no entry refers to them, so they are free at once. */
+  releaseFresh(hostOffset: number, bytes: number): Promise<void> {
+    return this.lock.run(async () => {
+      if (this.failed || !this.refcounts) return;
+      await this.refcounts.releaseFresh(hostOffset, bytes);
+      this.trimOnClose = true;
+    });
+  }
+
+  /** Takes the mapping observer's own allocations into the metadata (BlockDevice.settleAllocations). */
+  settleAllocations(): Promise<void> {
+    const obs = this.img.mappingObserver;
+    if (!obs?.takeAllocations || this.failed) return RESOLVED;
+    return this.lock.run(() => this.settleLocked(0, 0));
+  }
+
+  /**
+   * Lock held: forgets cached mappings of [offset, +length) (so the observer allocates none of
+   * them from now on), then takes every allocation it did into the metadata.
+   */
+  private async settleLocked(offset: number, length: number): Promise<void> {
+    const obs = this.img.mappingObserver;
+    if (!obs?.takeAllocations) return;
+    if (length > 0) obs.changed(offset, length);
+    this.adoptBuf ??= new Float64Array(2048);
+    for (;;) {
+      const n = obs.takeAllocations(this.adoptBuf);
+      if (n === 0) return;
+      await this.adoptAllocations(this.adoptBuf, n);
+      obs.adopted?.(n);
+    }
+  }
+
+  /**
+   * Entries for clusters the observer allocated and wrote: each was unallocated (or zero without
+   * a host cluster) and read as zeros, and its new host cluster is a fresh one of reserveFresh
+   * (refcount taken, zeros around what was written), so it becomes a plain allocated entry.
+   */
+  private async adoptAllocations(pairs: Float64Array, n: number): Promise<void> {
+    const g = this.img.geometry;
+    const cs = this.cs;
+    let l1Index = -1;
+    let table: Buffer | null = null;
+    for (let i = 0; i < n; i++) {
+      const gc = pairs[2 * i]!;
+      const host = pairs[2 * i + 1]!;
+      const li = Math.floor(gc / g.l2Entries);
+      if (li !== l1Index) {
+        if (table !== null) await this.tableChanged(l1Index, table);
+        l1Index = li;
+        table = await this.writableL2(li);
+      }
+      const l2Index = gc - li * g.l2Entries;
+      const e = this.entryAt(table, l2Index);
+      if (e.compressed || e.host !== 0 || e.allocBits !== 0) {
+        // Cannot happen (such clusters are never allocatable); keep the entry, free the cluster.
+        log.error({ guestOffset: gc * cs, host }, 'internal: a natively allocated cluster already has an entry; its data is dropped');
+        this.pendingFrees.push({ offset: host, bytes: cs });
+        continue;
+      }
+      this.setEntry(table!, l2Index, host, 0, g.extendedL2 ? 0xffffffff : 0);
+    }
+    if (table !== null) await this.tableChanged(l1Index, table);
+  }
+
   /** Data was written in place by someone else (the FUSE layer's direct path): the next flush syncs it. */
   noteExternalWrites(): void {
     this.writesDone++;
@@ -497,7 +631,12 @@ export class Qcow2Writer {
     while (pos < buf.length) {
       const planned = await this.lock.run(async () => {
         await this.prepare();
-        return this.planRun(offset + pos, buf.length - pos);
+        this.planning++;
+        try {
+          return await this.planRun(offset + pos, buf.length - pos);
+        } finally {
+          this.planning--;
+        }
       });
       if ('wait' in planned) {
         await planned.wait;
@@ -535,6 +674,8 @@ export class Qcow2Writer {
     const firstCluster = Math.floor(guestOffset / cs);
     const lastCluster = Math.min(Math.floor((end - 1) / cs), firstCluster + MAX_RUN_CLUSTERS - 1);
     const runEnd = Math.min(end, (lastCluster + 1) * cs);
+    // Clusters the mapping observer allocated itself come into the metadata first.
+    await this.settleLocked(firstCluster * cs, (lastCluster - firstCluster + 1) * cs);
 
     let table = await img.l2Table(l1Index);
     const jobs: ClusterJob[] = [];
@@ -826,7 +967,10 @@ export class Qcow2Writer {
 
   /** Makes everything written so far durable, metadata in dependency order. */
   flush(): Promise<void> {
-    return this.lock.run(() => this.flushLocked());
+    return this.lock.run(async () => {
+      if (!this.failed) await this.settleLocked(0, 0);
+      await this.flushLocked();
+    });
   }
 
   async flushLocked(): Promise<void> {
@@ -966,8 +1110,17 @@ export class Qcow2Writer {
     }
     await this.lock.run(async () => {
       if (this.failed) return;
+      await this.settleLocked(0, 0);
       // Deferred frees dirty refcount blocks again; loop until clean.
       for (let i = 0; i < 4 && this.hasUnflushed; i++) await this.flushLocked();
+      const rc = this.refcounts;
+      if (this.trimOnClose && rc && !this.hasUnflushed) {
+        const end = await rc.usedEnd();
+        if ((await this.img.file.size()) > end) {
+          await this.img.file.truncate(end);
+          await this.img.file.flush();
+        }
+      }
       if (this.setDirtyBit) {
         const h = this.img.header;
         h.incompatibleFeatures &= ~INCOMPAT_DIRTY;

@@ -143,9 +143,31 @@ typedef struct {
   uint64_t host;  // host offset of the cluster's first byte
 } qcow2fs_slot_t;
 
+// A slot's fd: zeros, and a write may allocate the cluster from the map's pool of fresh clusters.
+#define QCOW2FS_SLOT_ALLOCATABLE (-2)
+#define QCOW2FS_MAX_POOL_RANGES 2
+// Allocations the log holds before allocating writes go to JS (which takes the log).
+#define QCOW2FS_ALLOC_LOG_PAIRS 8192
+
+typedef struct {
+  uint64_t next;  // host offset of the next fresh cluster
+  uint64_t end;
+} qcow2fs_pool_range_t;
+
 typedef struct {
   char path[1024];
   uint32_t cluster_bits;
+  // Slot changes (JS publish/invalidate, a worker's allocation) and the pool and log below.
+  pthread_mutex_t lock;
+  // Fresh host clusters (zeros, refcount already taken by the engine) for allocating writes.
+  int32_t pool_fd;
+  qcow2fs_pool_range_t pool[QCOW2FS_MAX_POOL_RANGES];
+  uint32_t n_pool;
+  // Allocations done here that the engine has not taken yet: pairs (guest cluster, host offset).
+  uint64_t *alloc_log;
+  uint32_t alloc_cap;
+  uint32_t alloc_len;
+  uint64_t allocs;     // allocations done here, ever (under lock)
   uint64_t slot_mask;
   qcow2fs_slot_t *slots;
   uint64_t size;       // bytes; reads past it go to JS (atomic)
@@ -1116,6 +1138,7 @@ static int qcow2fs_fast_read (qcow2fs_fastmap_t *m, char *buf, size_t len, off_t
     uint64_t host;
     if (!qcow2fs_slot_get(m, pos >> cb, &fd, &host)) goto out;
     if (fd >= 0) fd &= QCOW2FS_SLOT_FD_MASK;
+    else fd = -1;
     if (fd == run_fd && (fd < 0 || host + in == run_host + run_len)) {
       run_len += n;
     } else {
@@ -1172,9 +1195,43 @@ static int qcow2fs_run_write (int32_t fd, const char *src, size_t len, uint64_t 
 }
 
 /*
+ * Allocates, from the pool, every cluster of [pos, end) whose slot says "allocatable" (lock
+ * held): the slot becomes "writable at the new host cluster" and the pair goes to the log, which
+ * the engine takes before it next looks at these clusters' metadata (see direct-read.ts). 0 when
+ * a slot is neither writable nor allocatable any more, the pool is empty or the log is full.
+ */
+static int qcow2fs_allocate_locked (qcow2fs_fastmap_t *m, uint64_t pos, uint64_t end) {
+  uint32_t cb = m->cluster_bits;
+  uint64_t cs = 1ull << cb;
+  for (uint64_t c = pos >> cb; (c << cb) < end; c++) {
+    int32_t fd;
+    uint64_t host;
+    if (!qcow2fs_slot_get(m, c, &fd, &host)) return 0;
+    if (fd >= 0 && (fd & QCOW2FS_SLOT_WRITABLE)) continue;
+    if (fd != QCOW2FS_SLOT_ALLOCATABLE) return 0;
+    if (m->n_pool == 0 || m->alloc_len == m->alloc_cap) return 0;
+    qcow2fs_pool_range_t *r = &m->pool[0];
+    host = r->next;
+    r->next += cs;
+    if (r->next >= r->end) {
+      for (uint32_t i = 1; i < m->n_pool; i++) m->pool[i - 1] = m->pool[i];
+      m->n_pool--;
+    }
+    m->alloc_log[m->alloc_len * 2] = c;
+    m->alloc_log[m->alloc_len * 2 + 1] = host;
+    m->alloc_len++;
+    m->allocs++;
+    qcow2fs_slot_set(m, c, m->pool_fd | QCOW2FS_SLOT_WRITABLE, host, 1);
+  }
+  return 1;
+}
+
+/*
  * A write whose clusters all have writable slots (clusters the active layer owns: no metadata
  * changes, as the engine's own in-place path) is done here with pwrite. JS learns of it through
  * the writes counter and makes it durable at the next flush/fsync.
+ * Clusters whose slot says "allocatable" (unallocated, reading as zeros) first get a fresh host
+ * cluster from the pool (it reads as zeros, so the bytes around the data need no fill).
  */
 static int qcow2fs_fast_write (qcow2fs_fastmap_t *m, const char *buf, size_t len, off_t offset) {
   if (len == 0 || offset < 0 || len > INT32_MAX) return -1;
@@ -1187,6 +1244,20 @@ static int qcow2fs_fast_write (qcow2fs_fastmap_t *m, const char *buf, size_t len
   if (end > size) goto out;
   uint32_t cb = m->cluster_bits;
   uint64_t cs = 1ull << cb;
+  int need_alloc = 0;
+  for (uint64_t c = pos >> cb; (c << cb) < end; c++) {
+    int32_t fd;
+    uint64_t host;
+    if (!qcow2fs_slot_get(m, c, &fd, &host)) goto out;
+    if (fd == QCOW2FS_SLOT_ALLOCATABLE) need_alloc = 1;
+    else if (fd < 0 || !(fd & QCOW2FS_SLOT_WRITABLE)) goto out;
+  }
+  if (need_alloc) {
+    pthread_mutex_lock(&m->lock);
+    int ok = qcow2fs_allocate_locked(m, pos, end);
+    pthread_mutex_unlock(&m->lock);
+    if (!ok) goto out;
+  }
   int32_t run_fd = -2;
   uint64_t run_host = 0;
   size_t run_len = 0;
@@ -1256,6 +1327,14 @@ NAPI_METHOD(qcow2fs_fastmap_attach) {
     free(m);
     return qcow2fs_int32(env, -1);
   }
+  m->alloc_cap = QCOW2FS_ALLOC_LOG_PAIRS;
+  m->alloc_log = calloc((size_t) m->alloc_cap * 2, sizeof(uint64_t));
+  if (m->alloc_log == NULL) {
+    free(m->slots);
+    free(m);
+    return qcow2fs_int32(env, -1);
+  }
+  pthread_mutex_init(&m->lock, NULL);
   snprintf(m->path, sizeof(m->path), "%s", path);
   m->cluster_bits = cluster_bits;
   m->slot_mask = ((uint64_t) 1 << slot_bits) - 1;
@@ -1265,9 +1344,11 @@ NAPI_METHOD(qcow2fs_fastmap_attach) {
   return qcow2fs_int32(env, (int32_t) n);
 }
 
-// fastmap_publish(thread, index, Float64Array [cluster, fd, host, ...], count): fd -1 = zeros.
+// fastmap_publish(thread, index, Float64Array [cluster, fd, host, ...], count, adopted) -> whether
+// published: fd -1 = zeros, -2 = zeros and allocatable; refused unless `adopted` (allocations the
+// engine has taken into its metadata) equals the allocations done here.
 NAPI_METHOD(qcow2fs_fastmap_publish) {
-  NAPI_ARGV(4)
+  NAPI_ARGV(5)
   NAPI_ARGV_BUFFER_CAST(fuse_thread_t *, ft, 0);
   NAPI_ARGV_UINT32(index, 1);
   NAPI_ARGV_UINT32(count, 3);
@@ -1280,11 +1361,98 @@ NAPI_METHOD(qcow2fs_fastmap_publish) {
   size_t byte_offset;
   if (napi_get_typedarray_info(env, argv[2], &type, &length, &data, &ab, &byte_offset) != napi_ok || type != napi_float64_array) return NULL;
   if ((size_t) count * 3 > length) count = (uint32_t) (length / 3);
+  double adopted;
+  napi_get_value_double(env, argv[4], &adopted);
   double *t = (double *) data;
-  for (uint32_t i = 0; i < count; i++) {
-    qcow2fs_slot_set(m, (uint64_t) t[i * 3], (int32_t) t[i * 3 + 1], (uint64_t) t[i * 3 + 2], 1);
+  pthread_mutex_lock(&m->lock);
+  // The engine's answers are stale while allocations done here are not in its metadata yet.
+  int ok = (double) m->allocs == adopted;
+  if (ok) {
+    for (uint32_t i = 0; i < count; i++) {
+      qcow2fs_slot_set(m, (uint64_t) t[i * 3], (int32_t) t[i * 3 + 1], (uint64_t) t[i * 3 + 2], 1);
+    }
   }
-  return NULL;
+  pthread_mutex_unlock(&m->lock);
+  napi_value r;
+  napi_get_boolean(env, ok, &r);
+  return r;
+}
+
+// fastmap_take_allocations(thread, index, Float64Array out) -> pairs moved from the log into out
+NAPI_METHOD(qcow2fs_fastmap_take_allocations) {
+  NAPI_ARGV(3)
+  NAPI_ARGV_BUFFER_CAST(fuse_thread_t *, ft, 0);
+  NAPI_ARGV_UINT32(index, 1);
+  qcow2fs_fastmap_t *m = qcow2fs_fastmap_of(ft, index);
+  napi_typedarray_type type;
+  size_t length;
+  void *data;
+  napi_value ab;
+  size_t byte_offset;
+  if (m == NULL || napi_get_typedarray_info(env, argv[2], &type, &length, &data, &ab, &byte_offset) != napi_ok || type != napi_float64_array) return qcow2fs_int32(env, 0);
+  double *out = (double *) data;
+  pthread_mutex_lock(&m->lock);
+  uint32_t n = m->alloc_len;
+  if ((size_t) n * 2 > length) n = (uint32_t) (length / 2);
+  for (uint32_t i = 0; i < n * 2; i++) out[i] = (double) m->alloc_log[i];
+  memmove(m->alloc_log, m->alloc_log + n * 2, (size_t) (m->alloc_len - n) * 2 * sizeof(uint64_t));
+  m->alloc_len -= n;
+  pthread_mutex_unlock(&m->lock);
+  return qcow2fs_int32(env, (int32_t) n);
+}
+
+// fastmap_supply(thread, index, fd, host, bytes) -> whether the range joined the pool
+NAPI_METHOD(qcow2fs_fastmap_supply) {
+  NAPI_ARGV(5)
+  NAPI_ARGV_BUFFER_CAST(fuse_thread_t *, ft, 0);
+  NAPI_ARGV_UINT32(index, 1);
+  NAPI_ARGV_INT32(fd, 2);
+  double host, bytes;
+  napi_get_value_double(env, argv[3], &host);
+  napi_get_value_double(env, argv[4], &bytes);
+  qcow2fs_fastmap_t *m = qcow2fs_fastmap_of(ft, index);
+  int ok = 0;
+  if (m != NULL && fd >= 0 && bytes > 0) {
+    pthread_mutex_lock(&m->lock);
+    if (m->n_pool < QCOW2FS_MAX_POOL_RANGES && (m->n_pool == 0 || m->pool_fd == fd)) {
+      m->pool_fd = fd;
+      m->pool[m->n_pool].next = (uint64_t) host;
+      m->pool[m->n_pool].end = (uint64_t) host + (uint64_t) bytes;
+      m->n_pool++;
+      ok = 1;
+    }
+    pthread_mutex_unlock(&m->lock);
+  }
+  napi_value r;
+  napi_get_boolean(env, ok, &r);
+  return r;
+}
+
+// fastmap_take_pool(thread, index) -> [host, bytes, ...] of the pool's unused ranges, now empty
+NAPI_METHOD(qcow2fs_fastmap_take_pool) {
+  NAPI_ARGV(2)
+  NAPI_ARGV_BUFFER_CAST(fuse_thread_t *, ft, 0);
+  NAPI_ARGV_UINT32(index, 1);
+  qcow2fs_fastmap_t *m = qcow2fs_fastmap_of(ft, index);
+  double vals[QCOW2FS_MAX_POOL_RANGES * 2];
+  uint32_t n = 0;
+  if (m != NULL) {
+    pthread_mutex_lock(&m->lock);
+    for (uint32_t i = 0; i < m->n_pool; i++) {
+      vals[n++] = (double) m->pool[i].next;
+      vals[n++] = (double) (m->pool[i].end - m->pool[i].next);
+    }
+    m->n_pool = 0;
+    pthread_mutex_unlock(&m->lock);
+  }
+  napi_value arr;
+  napi_create_array_with_length(env, n, &arr);
+  for (uint32_t i = 0; i < n; i++) {
+    napi_value v;
+    napi_create_double(env, vals[i], &v);
+    napi_set_element(env, arr, i, v);
+  }
+  return arr;
 }
 
 // fastmap_invalidate(thread, index, firstCluster, count); count -1: every slot.
@@ -1297,14 +1465,16 @@ NAPI_METHOD(qcow2fs_fastmap_invalidate) {
   napi_get_value_double(env, argv[3], &count);
   qcow2fs_fastmap_t *m = qcow2fs_fastmap_of(ft, index);
   if (m == NULL) return NULL;
+  pthread_mutex_lock(&m->lock);
   if (count < 0 || count > (double) m->slot_mask) {
     for (uint64_t i = 0; i <= m->slot_mask; i++) {
       qcow2fs_slot_t *s = &m->slots[i];
       if (__atomic_load_n(&s->key, __ATOMIC_RELAXED) != 0) qcow2fs_slot_set(m, __atomic_load_n(&s->key, __ATOMIC_RELAXED) - 1, -1, 0, 0);
     }
-    return NULL;
+  } else {
+    for (uint64_t c = (uint64_t) first; c < (uint64_t) first + (uint64_t) count; c++) qcow2fs_slot_set(m, c, -1, 0, 0);
   }
-  for (uint64_t c = (uint64_t) first; c < (uint64_t) first + (uint64_t) count; c++) qcow2fs_slot_set(m, c, -1, 0, 0);
+  pthread_mutex_unlock(&m->lock);
   return NULL;
 }
 
@@ -1346,22 +1516,37 @@ NAPI_METHOD(qcow2fs_fastmap_disable) {
   return NULL;
 }
 
-// fastmap_stats(thread, index) -> [read hits, read misses, writes done here, write misses]
+// fastmap_stats(thread, index) -> [read hits, read misses, writes done here, write misses,
+//   allocations done here, of them not taken by JS yet, pool bytes left]
+// fastmap_pending(thread, index) -> allocations done here that JS has not taken yet
+NAPI_METHOD(qcow2fs_fastmap_pending) {
+  NAPI_ARGV(2)
+  NAPI_ARGV_BUFFER_CAST(fuse_thread_t *, ft, 0);
+  NAPI_ARGV_UINT32(index, 1);
+  qcow2fs_fastmap_t *m = qcow2fs_fastmap_of(ft, index);
+  return qcow2fs_int32(env, m == NULL ? 0 : (int32_t) __atomic_load_n(&m->alloc_len, __ATOMIC_RELAXED));
+}
+
 NAPI_METHOD(qcow2fs_fastmap_stats) {
   NAPI_ARGV(2)
   NAPI_ARGV_BUFFER_CAST(fuse_thread_t *, ft, 0);
   NAPI_ARGV_UINT32(index, 1);
   qcow2fs_fastmap_t *m = qcow2fs_fastmap_of(ft, index);
-  uint64_t vals[4] = { 0, 0, 0, 0 };
+  uint64_t vals[7] = { 0, 0, 0, 0, 0, 0, 0 };
   if (m != NULL) {
     vals[0] = __atomic_load_n(&m->hits, __ATOMIC_RELAXED);
     vals[1] = __atomic_load_n(&m->misses, __ATOMIC_RELAXED);
     vals[2] = __atomic_load_n(&m->writes, __ATOMIC_SEQ_CST);
     vals[3] = __atomic_load_n(&m->write_misses, __ATOMIC_RELAXED);
+    pthread_mutex_lock(&m->lock);
+    vals[4] = m->allocs;
+    vals[5] = m->alloc_len;
+    for (uint32_t i = 0; i < m->n_pool; i++) vals[6] += m->pool[i].end - m->pool[i].next;
+    pthread_mutex_unlock(&m->lock);
   }
   napi_value arr;
-  napi_create_array_with_length(env, 4, &arr);
-  for (uint32_t i = 0; i < 4; i++) {
+  napi_create_array_with_length(env, 7, &arr);
+  for (uint32_t i = 0; i < 7; i++) {
     napi_value v;
     napi_create_double(env, (double) vals[i], &v);
     napi_set_element(env, arr, i, v);
@@ -1537,6 +1722,10 @@ NAPI_INIT() {
   NAPI_EXPORT_FUNCTION(qcow2fs_fastmap_set_size)
   NAPI_EXPORT_FUNCTION(qcow2fs_fastmap_disable)
   NAPI_EXPORT_FUNCTION(qcow2fs_fastmap_stats)
+  NAPI_EXPORT_FUNCTION(qcow2fs_fastmap_take_allocations)
+  NAPI_EXPORT_FUNCTION(qcow2fs_fastmap_supply)
+  NAPI_EXPORT_FUNCTION(qcow2fs_fastmap_take_pool)
+  NAPI_EXPORT_FUNCTION(qcow2fs_fastmap_pending)
   NAPI_EXPORT_FUNCTION(fuse_native_unmount)
 
   NAPI_EXPORT_FUNCTION(fuse_native_signal_getattr)

@@ -232,12 +232,16 @@ class Fuse extends Nanoresource {
     const t = this._thread
     return {
       attach: (path, clusterBits, slotBits, size) => binding.qcow2fs_fastmap_attach(t, path, clusterBits, slotBits, size),
-      publish: (index, triples, count) => binding.qcow2fs_fastmap_publish(t, index, triples, count),
+      publish: (index, triples, count, adopted) => binding.qcow2fs_fastmap_publish(t, index, triples, count, adopted),
       invalidate: (index, firstCluster, count) => binding.qcow2fs_fastmap_invalidate(t, index, firstCluster, count),
       quiesce: (index) => binding.qcow2fs_fastmap_quiesce(t, index),
       setSize: (index, size) => binding.qcow2fs_fastmap_set_size(t, index, size),
       disable: (index) => binding.qcow2fs_fastmap_disable(t, index),
-      stats: (index) => binding.qcow2fs_fastmap_stats(t, index)
+      stats: (index) => binding.qcow2fs_fastmap_stats(t, index),
+      takeAllocations: (index, out) => binding.qcow2fs_fastmap_take_allocations(t, index, out),
+      supply: (index, fd, host, bytes) => binding.qcow2fs_fastmap_supply(t, index, fd, host, bytes),
+      takePool: (index) => binding.qcow2fs_fastmap_take_pool(t, index),
+      pending: (index) => binding.qcow2fs_fastmap_pending(t, index)
     }
   }
 
