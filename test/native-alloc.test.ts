@@ -20,7 +20,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { need, qemuImg, qemuIo, REPO, removeScratch, rng, run, scratchDir, withMount } from './support/env';
+import { need, qemuImg, qemuIo, REPO, removeScratch, rng, run, scratchDir, sha256File, withMount } from './support/env';
 import { expectCheckClean, expectSameContent } from './support/oracle';
 
 afterAll(removeScratch);
@@ -197,5 +197,31 @@ describe('allocating writes done by the binding match qemu-io', () => {
     }
     const { allocs, writes } = nativeStats(logFile);
     expect(allocs, `clusters allocated by the binding (native writes ${writes})`).toBeGreaterThanOrEqual(c.minAllocs ?? 50);
+  });
+});
+
+describe('a read-write mount that is never written', () => {
+  it('reserves nothing: the image file is unchanged (content and mtime) after reads and idle time', async () => {
+    need('qemu-img', 'qemu-io', '/dev/fuse');
+    const dir = scratchDir('nalloc-idle');
+    const image = path.join(dir, 'disk.qcow2');
+    qemuImg('create', '-q', '-f', 'qcow2', image, String(SIZE));
+    qemuIo(image, ['write -P 0x5a 1M 3M']);
+    const before = sha256File(image);
+    const mtimeBefore = fs.statSync(image).mtimeMs;
+    const saved = process.env.QCOW2FS_ALLOC_SETTLE_MS;
+    process.env.QCOW2FS_ALLOC_SETTLE_MS = '20';
+    try {
+      await withMount(image, [], async (raw) => {
+        const dd = run('dd', [`if=${raw}`, 'of=/dev/null', 'bs=1M', 'iflag=direct', 'status=none']);
+        expect(dd.code, dd.stderr).toBe(0);
+        // Several of the periodic hand-over ticks.
+        await new Promise((res) => setTimeout(res, 300));
+      });
+    } finally {
+      process.env.QCOW2FS_ALLOC_SETTLE_MS = saved;
+    }
+    expect(sha256File(image)).toBe(before);
+    expect(fs.statSync(image).mtimeMs, 'nothing was written to the image file').toBe(mtimeBefore);
   });
 });

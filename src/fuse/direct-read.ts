@@ -75,6 +75,8 @@ export class DirectReadMap implements MappingObserver {
   /** A publish was refused (allocations not taken yet) during the current learn(). */
   private refused = false;
   private poolRequest: Promise<void> | null = null;
+  /** The engine has served a write (the pool is reserved from then on). */
+  private written = false;
   private settleTimer: NodeJS.Timeout | null = null;
 
   private constructor(
@@ -213,11 +215,15 @@ export class DirectReadMap implements MappingObserver {
   private tick(): void {
     if (this.closed) return;
     if (this.native.pending(this.index) > 0) this.settleSoon();
-    this.ensurePool();
+    if (this.written) this.ensurePool();
   }
 
-  /** Keeps the binding's pool of fresh clusters at one range or more, once the device was written. */
+  /**
+   * Keeps the binding's pool of fresh clusters at one range or more, once the device was written
+   * through the engine (a mount that is never written leaves the image as it was).
+   */
   private ensurePool(): void {
+    this.written = true;
     if (!this.allocating || this.closed || this.poolRequest !== null) return;
     if (this.native.stats(this.index)[6] >= this.poolClusters * this.clusterSize) return;
     const bytes = this.poolClusters * this.clusterSize;
