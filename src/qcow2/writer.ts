@@ -515,7 +515,15 @@ export class Qcow2Writer {
     for (;;) {
       const n = obs.takeAllocations(this.adoptBuf);
       if (n === 0) return;
-      await this.adoptAllocations(this.adoptBuf, n);
+      try {
+        await this.adoptAllocations(this.adoptBuf, n);
+      } catch (err) {
+        // Written data the metadata does not point at: nothing may claim success any more
+        // (flushes fail from now on, and nothing bypasses the engine).
+        this.failed = err as Error;
+        obs.changed(0, this.img.size);
+        throw err;
+      }
       obs.adopted?.(n);
     }
   }
@@ -968,7 +976,9 @@ export class Qcow2Writer {
   /** Makes everything written so far durable, metadata in dependency order. */
   flush(): Promise<void> {
     return this.lock.run(async () => {
-      if (!this.failed) await this.settleLocked(0, 0);
+      // After a failure nothing is known to be durable: every later flush says so.
+      this.check();
+      await this.settleLocked(0, 0);
       await this.flushLocked();
     });
   }
