@@ -340,7 +340,7 @@ export class Qcow2Image implements BlockDevice {
   }
 
   async reserveFresh(clusters: number): Promise<{ fd: number; hostOffset: number } | null> {
-    if (!this.writer || !(this.file instanceof FdFile)) return null;
+    if (!this.writer || !(this.file.fd >= 0)) return null;
     const hostOffset = await this.writer.reserveFresh(clusters);
     return { fd: this.file.fd, hostOffset };
   }

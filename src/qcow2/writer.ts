@@ -111,6 +111,13 @@ export class Qcow2Writer {
    * observer (see freshRun), so it cannot allocate a cluster the engine is deciding about.
    */
   private planning = 0;
+  /**
+   * An entry changed since the last flush that needs the data it points at durable before it
+   * (a cluster written by the engine: reused, copied or filled), or an entry was removed: the
+   * flush orders data, refcounts and tables with barriers between. False when only the mapping
+   * observer's allocations were adopted (see flushLocked).
+   */
+  private orderedData = false;
   /** Reserved clusters were given back: at close, the file loses what lies past the clusters in use. */
   private trimOnClose = false;
   /** Pairs [guest cluster, host offset] taken from the mapping observer (see adoptAllocations). */
@@ -355,6 +362,7 @@ export class Qcow2Writer {
       }
     }
     this.pendingFrees.push(...frees);
+    this.orderedData = true;
     await this.tableChanged(l1Index, table);
     return { length };
   }
@@ -481,8 +489,11 @@ export class Qcow2Writer {
       const rc = await this.prepare();
       const host = await rc.allocateFresh(clusters);
       this.img.noteFileEnd(rc.endBytes);
-      // Writes into them may leave the file short of their end (flushLocked extends it).
-      this.fileMayBeShort = true;
+      // Their refcounts and the file's length durable now, before any entry can point at them:
+      // then flushes that only adopt them need no barrier before the tables (flushLocked).
+      const file = this.img.file;
+      if ((await file.size()) < rc.endBytes) await file.truncate(rc.endBytes);
+      await rc.persist();
       return host;
     });
   }
@@ -940,6 +951,7 @@ export class Qcow2Writer {
       this.setEntry(table, j.l2Index, j.target, zeroBits, allocBits);
       this.pendingFrees.push(...j.frees);
     }
+    this.orderedData = true;
     await this.tableChanged(l1Index, table);
   }
 
@@ -991,6 +1003,18 @@ export class Qcow2Writer {
     // Writes completed by now are covered by the barrier below; later ones by the next flush.
     const covered = this.writesDone;
     try {
+      if (!this.orderedData && !this.fileMayBeShort && !rc.dirty && this.dirtyL1.size === 0 && this.pendingFrees.length === 0) {
+        // Only entries for the mapping observer's own allocations changed (adoptAllocations):
+        // fresh clusters whose refcounts and place in the file are durable already (reserveFresh)
+        // and that read as zeros until their data lands. A crash that keeps an entry but not its
+        // data shows zeros, the content before that unsynced write; so data and tables share one
+        // barrier.
+        await this.writeDirtyL2();
+        await file.flush();
+        this.writesFlushed = covered;
+        return;
+      }
+      this.orderedData = false;
       // 0. New clusters written without their zero fill may lie past the end of the file: extend
       //    it first, so the barrier below makes the length durable before any entry points there.
       if (this.fileMayBeShort) {
@@ -1002,17 +1026,7 @@ export class Qcow2Writer {
       await rc.persist();
       // 2. L2 tables, then the L1 entries that point at new ones, then a barrier; none when only
       //    data was written (the barrier of step 1 covered it).
-      const l2 = [...this.dirtyL2];
-      this.dirtyL2.clear();
-      await Promise.all(
-        l2.map(async (off) => {
-          const t = img.l2Cache.peek(off);
-          if (!t) throw new Error(`internal: dirty L2 table 0x${off.toString(16)} not cached`);
-          await file.pwrite(t, off);
-        }),
-      );
-      for (const off of l2) if (!this.dirtyL2.has(off)) img.l2Cache.unpin(off);
-      let unsynced = l2.length > 0;
+      let unsynced = await this.writeDirtyL2();
       if (this.dirtyL1.size > 0) {
         if (unsynced) await file.flush();
         await this.writeL1();
@@ -1039,6 +1053,22 @@ export class Qcow2Writer {
     }
   }
 
+
+  /** Writes the dirty L2 tables (no barrier); whether there were any. */
+  private async writeDirtyL2(): Promise<boolean> {
+    const img = this.img;
+    const l2 = [...this.dirtyL2];
+    this.dirtyL2.clear();
+    await Promise.all(
+      l2.map(async (off) => {
+        const t = img.l2Cache.peek(off);
+        if (!t) throw new Error(`internal: dirty L2 table 0x${off.toString(16)} not cached`);
+        await img.file.pwrite(t, off);
+      }),
+    );
+    for (const off of l2) if (!this.dirtyL2.has(off)) img.l2Cache.unpin(off);
+    return l2.length > 0;
+  }
 
   private async writeL1(): Promise<void> {
     const l1 = this.img.l1;
