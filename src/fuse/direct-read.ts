@@ -40,8 +40,8 @@ const MAX_SLOT_BITS = 18;
 const WINDOW_CLUSTERS = 8192;
 /** Regions remembered as published whole (then the set starts again). */
 const MAX_REGIONS_REMEMBERED = 65536;
-/** Triples [cluster, fd, host] per native publish call. */
-const BATCH = 1024;
+/** Runs [first cluster, clusters, fd, host] per native publish call. */
+const BATCH = 256;
 /** Flag added to a slot's fd: writes may go to the same host bytes (see PlainRun.writable). */
 const SLOT_WRITABLE = 0x40000000;
 /** A slot's fd for zeros that a write may allocate. */
@@ -64,7 +64,7 @@ export class DirectReadMap implements MappingObserver {
   private readonly publishedForWrites = new Set<number>();
   /** The binding's count of writes it did itself, as last passed on to the device. */
   private nativeWrites = 0;
-  private readonly triples = new Float64Array(BATCH * 3);
+  private readonly runs = new Float64Array(BATCH * 4);
   private pending = 0;
   private closed = false;
   /** Writes may allocate clusters from a pool (see the top of this file). */
@@ -164,9 +164,11 @@ export class DirectReadMap implements MappingObserver {
         const runEnd = pos + run.length;
         if (run.kind !== 'other') {
           // Clusters that start inside the run and end inside it (or at the device's end).
-          for (let c = Math.ceil(pos / cs); c * cs < runEnd && Math.min((c + 1) * cs, size) <= runEnd; c++) {
-            if (run.kind === 'data') this.emit(c, run.writable ? run.fd + SLOT_WRITABLE : run.fd, run.hostOffset + (c * cs - pos));
-            else this.emit(c, run.allocatable && this.allocating ? SLOT_ALLOCATABLE : -1, 0);
+          const first = Math.ceil(pos / cs);
+          const end = runEnd >= size ? Math.ceil(size / cs) : Math.floor(runEnd / cs);
+          if (end > first) {
+            if (run.kind === 'data') this.emit(first, end - first, run.writable ? run.fd + SLOT_WRITABLE : run.fd, run.hostOffset + (first * cs - pos));
+            else this.emit(first, end - first, run.allocatable && this.allocating ? SLOT_ALLOCATABLE : -1, 0);
           }
         }
         pos = runEnd;
@@ -177,18 +179,20 @@ export class DirectReadMap implements MappingObserver {
     this.flushEmits();
   }
 
-  private emit(cluster: number, fd: number, host: number): void {
-    const t = this.triples;
-    const i = this.pending * 3;
-    t[i] = cluster;
-    t[i + 1] = fd;
-    t[i + 2] = host;
+  /** Slots for clusters [first, +count): fd and consecutive host clusters from host. */
+  private emit(first: number, count: number, fd: number, host: number): void {
+    const t = this.runs;
+    const i = this.pending * 4;
+    t[i] = first;
+    t[i + 1] = count;
+    t[i + 2] = fd;
+    t[i + 3] = host;
     if (++this.pending === BATCH) this.flushEmits();
   }
 
   private flushEmits(): void {
     if (this.pending === 0) return;
-    if (!this.native.publish(this.index, this.triples, this.pending, this.adoptedCount)) this.refused = true;
+    if (!this.native.publish(this.index, this.runs, this.pending, this.adoptedCount)) this.refused = true;
     this.pending = 0;
   }
 

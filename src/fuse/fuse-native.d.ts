@@ -72,10 +72,11 @@ declare module 'fuse-native' {
     /** A map for the file at `path`; its index, or -1. */
     attach(path: string, clusterBits: number, slotBits: number, sizeBytes: number): number;
     /**
-     * Sets `count` slots from triples [guest cluster, fd (-1: zeros, -2: zeros and allocatable),
-     * host offset]; refused (false) unless `adopted` equals the allocations done natively so far.
+     * Sets the slots of `count` runs [first guest cluster, clusters, fd (-1: zeros, -2: zeros and
+     * allocatable), host offset of the first] (host clusters consecutive); refused (false) unless
+     * `adopted` equals the allocations done natively so far.
      */
-    publish(index: number, triples: Float64Array, count: number, adopted: number): boolean;
+    publish(index: number, runs: Float64Array, count: number, adopted: number): boolean;
     /** Empties the slots of clusters [firstCluster, +count); count -1: every slot. */
     invalidate(index: number, firstCluster: number, count: number): void;
     /** Returns once no direct read that started before the call is still running. */

@@ -1344,9 +1344,10 @@ NAPI_METHOD(qcow2fs_fastmap_attach) {
   return qcow2fs_int32(env, (int32_t) n);
 }
 
-// fastmap_publish(thread, index, Float64Array [cluster, fd, host, ...], count, adopted) -> whether
-// published: fd -1 = zeros, -2 = zeros and allocatable; refused unless `adopted` (allocations the
-// engine has taken into its metadata) equals the allocations done here.
+// fastmap_publish(thread, index, Float64Array [first cluster, clusters, fd, host, ...], runs,
+// adopted) -> whether published: each run of clusters gets consecutive host clusters from host
+// (fd -1 = zeros, -2 = zeros and allocatable); refused unless `adopted` (allocations the engine
+// has taken into its metadata) equals the allocations done here.
 NAPI_METHOD(qcow2fs_fastmap_publish) {
   NAPI_ARGV(5)
   NAPI_ARGV_BUFFER_CAST(fuse_thread_t *, ft, 0);
@@ -1360,16 +1361,28 @@ NAPI_METHOD(qcow2fs_fastmap_publish) {
   napi_value ab;
   size_t byte_offset;
   if (napi_get_typedarray_info(env, argv[2], &type, &length, &data, &ab, &byte_offset) != napi_ok || type != napi_float64_array) return NULL;
-  if ((size_t) count * 3 > length) count = (uint32_t) (length / 3);
+  if ((size_t) count * 4 > length) count = (uint32_t) (length / 4);
   double adopted;
   napi_get_value_double(env, argv[4], &adopted);
   double *t = (double *) data;
+  uint64_t cs = 1ull << m->cluster_bits;
   pthread_mutex_lock(&m->lock);
   // The engine's answers are stale while allocations done here are not in its metadata yet.
   int ok = (double) m->allocs == adopted;
   if (ok) {
     for (uint32_t i = 0; i < count; i++) {
-      qcow2fs_slot_set(m, (uint64_t) t[i * 3], (int32_t) t[i * 3 + 1], (uint64_t) t[i * 3 + 2], 1);
+      uint64_t first = (uint64_t) t[i * 4];
+      uint64_t n = (uint64_t) t[i * 4 + 1];
+      int32_t fd = (int32_t) t[i * 4 + 2];
+      uint64_t host = (uint64_t) t[i * 4 + 3];
+      // A run longer than the table only overwrites itself: its last slots win.
+      if (n > m->slot_mask + 1) {
+        uint64_t skip = n - (m->slot_mask + 1);
+        first += skip;
+        if (fd >= 0) host += skip * cs;
+        n = m->slot_mask + 1;
+      }
+      for (uint64_t k = 0; k < n; k++) qcow2fs_slot_set(m, first + k, fd, fd >= 0 ? host + k * cs : 0, 1);
     }
   }
   pthread_mutex_unlock(&m->lock);
