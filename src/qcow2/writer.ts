@@ -107,10 +107,12 @@ export class Qcow2Writer {
   private writebackTimer: NodeJS.Timeout | null = null;
   private failed: Error | null = null;
   /**
-   * planRun/zeroRun calls under way: while one runs, no cluster is "allocatable" by the mapping
-   * observer (see freshRun), so it cannot allocate a cluster the engine is deciding about.
+   * Guest clusters [planFirst, planLast] of the planRun/zeroRun under way (they run under the
+   * lock, one at a time; -1: none): none of them is "allocatable" by the mapping observer (see
+   * freshRun), so it cannot allocate a cluster the engine is deciding about.
    */
-  private planning = 0;
+  private planFirst = -1;
+  private planLast = -1;
   /**
    * An entry changed since the last flush that needs the data it points at durable before it
    * (a cluster written by the engine: reused, copied or filled), or an entry was removed: the
@@ -275,13 +277,15 @@ export class Qcow2Writer {
     while (pos < b) {
       const step = await this.lock.run(async () => {
         await this.prepare();
-        this.planning++;
+        // zeroRun stays inside one L2 table.
+        const span = Math.min(b - pos, this.bytesPerL2 - (pos % this.bytesPerL2));
+        this.planFirst = Math.floor(pos / this.cs);
+        this.planLast = Math.ceil((pos + span) / this.cs) - 1;
         try {
-          // zeroRun stays inside one L2 table.
-          await this.settleLocked(pos, Math.min(b - pos, this.bytesPerL2 - (pos % this.bytesPerL2)));
+          await this.settleLocked(pos, span);
           return await this.zeroRun(pos, b - pos);
         } finally {
-          this.planning--;
+          this.planFirst = this.planLast = -1;
         }
       });
       if ('wait' in step) {
@@ -449,7 +453,7 @@ export class Qcow2Writer {
    * bytes of [offset, +len) that answer holds (at least to the end of the first cluster).
    */
   freshRun(offset: number, len: number): { allocatable: boolean; length: number } {
-    if (!this.prepared || this.failed !== null || this.planning > 0 || len <= 0) return { allocatable: false, length: len };
+    if (!this.prepared || this.failed !== null || len <= 0) return { allocatable: false, length: len };
     const img = this.img;
     const g = img.geometry;
     const cs = this.cs;
@@ -462,7 +466,7 @@ export class Qcow2Writer {
     let first: boolean | null = null;
     let gc = firstCluster;
     for (; gc <= lastCluster; gc++) {
-      let ok = !(checkInflight && this.inflight.has(gc));
+      let ok = !(checkInflight && this.inflight.has(gc)) && !(gc >= this.planFirst && gc <= this.planLast);
       const l1Index = Math.floor(gc / g.l2Entries);
       if (l1Index !== tableIndex) {
         tableIndex = l1Index;
@@ -650,11 +654,10 @@ export class Qcow2Writer {
     while (pos < buf.length) {
       const planned = await this.lock.run(async () => {
         await this.prepare();
-        this.planning++;
         try {
           return await this.planRun(offset + pos, buf.length - pos);
         } finally {
-          this.planning--;
+          this.planFirst = this.planLast = -1;
         }
       });
       if ('wait' in planned) {
@@ -693,7 +696,10 @@ export class Qcow2Writer {
     const firstCluster = Math.floor(guestOffset / cs);
     const lastCluster = Math.min(Math.floor((end - 1) / cs), firstCluster + MAX_RUN_CLUSTERS - 1);
     const runEnd = Math.min(end, (lastCluster + 1) * cs);
-    // Clusters the mapping observer allocated itself come into the metadata first.
+    // Clusters the mapping observer allocated itself come into the metadata first; from here on
+    // it allocates none of this run's (until they are in flight, then inflight says so).
+    this.planFirst = firstCluster;
+    this.planLast = lastCluster;
     await this.settleLocked(firstCluster * cs, (lastCluster - firstCluster + 1) * cs);
 
     let table = await img.l2Table(l1Index);
