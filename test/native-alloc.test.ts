@@ -42,6 +42,8 @@ interface Case {
   minAllocs?: number;
   /** A compressed backing file (the image is an overlay on it). */
   compressedBacking?: boolean;
+  /** Disk size (default SIZE). */
+  size?: number;
 }
 
 const CASES: Case[] = [
@@ -63,6 +65,8 @@ const CASES: Case[] = [
   },
   { name: 'v2 (compat=0.10)', opts: 'compat=0.10,cluster_size=64k', unit: 4096, fill: ['write -P 0x61 0 2M'], snapshot: true },
   { name: 'overlay on a compressed backing file with holes', opts: 'cluster_size=64k', unit: 4096, fill: [], compressedBacking: true },
+  // The last cluster is partial: writes into it allocate a whole host cluster.
+  { name: 'odd size (40 MiB + 12 KiB), 64K clusters', opts: 'cluster_size=64k', unit: 4096, fill: ['write -P 0x71 0 1M'], size: SIZE + 12 * 1024 },
 ];
 
 interface Write {
@@ -72,12 +76,12 @@ interface Write {
 }
 
 /** Non-overlapping writes spread over the disk, several landing in one cluster, in random order. */
-function planWrites(r: () => number, unit: number, count: number, round: number): Write[] {
+function planWrites(r: () => number, unit: number, count: number, round: number, size = SIZE): Write[] {
   const writes: Write[] = [];
   let pos = Math.floor(r() * 64) * unit;
-  while (writes.length < count && pos < SIZE) {
+  while (writes.length < count && pos < size) {
     const len = unit * (1 + Math.floor(r() * (r() < 0.2 ? 64 : 4)));
-    if (pos + len > SIZE) break;
+    if (pos + len > size) break;
     writes.push({ off: pos, len, pattern: 1 + ((round * 97 + writes.length) % 250) });
     // Mostly small gaps (neighbours in one cluster), sometimes a jump.
     pos += len + unit * (r() < 0.7 ? Math.floor(r() * 3) : Math.floor(r() * 4096));
@@ -112,6 +116,7 @@ describe('allocating writes done by the binding match qemu-io', () => {
   it.each(CASES)('$name', async (c) => {
     need('qemu-img', 'qemu-io', '/dev/fuse');
     const dir = scratchDir('nalloc');
+    const size = c.size ?? SIZE;
     const image = path.join(dir, 'disk.qcow2');
     const ref = path.join(dir, 'ref.qcow2');
     if (c.compressedBacking) {
@@ -124,7 +129,7 @@ describe('allocating writes done by the binding match qemu-io', () => {
       qemuImg('convert', '-q', '-c', '-O', 'qcow2', src, path.join(dir, 'base.qcow2'));
       qemuImg('create', '-q', '-f', 'qcow2', '-o', c.opts, '-b', 'base.qcow2', '-F', 'qcow2', image, String(SIZE));
     } else {
-      qemuImg('create', '-q', '-f', 'qcow2', '-o', c.opts, image, String(SIZE));
+      qemuImg('create', '-q', '-f', 'qcow2', '-o', c.opts, image, String(size));
       qemuIo(image, c.fill);
     }
     if (c.snapshot) qemuImg('snapshot', '-c', 'before', image);
@@ -137,20 +142,26 @@ describe('allocating writes done by the binding match qemu-io', () => {
     const logFile = path.join(dir, 'daemon.log');
     await withMount(image, ['--log-level', 'debug', '--log-json', '--log-file', logFile], (raw) => {
       // One engine write first: the pool is reserved after the device's first write.
-      const first = run('qemu-io', ['-f', 'raw', '-n', '-c', `write -P 0xee ${SIZE - c.unit} ${c.unit}`, raw]);
+      const first = run('qemu-io', ['-f', 'raw', '-n', '-c', `write -P 0xee 0 ${c.unit}`, raw]);
       expect(first.code, first.stderr).toBe(0);
-      qemuIo(ref, [`write -P 0xee ${SIZE - c.unit} ${c.unit}`]);
+      qemuIo(ref, [`write -P 0xee 0 ${c.unit}`]);
       for (let round = 0; round < 4; round++) {
-        const writes = planWrites(r, c.unit, 120, round);
+        const writes = planWrites(r, c.unit, 120, round, size);
         // Many in flight at once (a thread pool behind qemu-io's aio), then each read back.
         const cmds = [...writes.map((w) => `aio_write -P ${w.pattern} ${w.off} ${w.len}`), 'aio_flush', ...writes.map((w) => `read -P ${w.pattern} ${w.off} ${w.len}`)];
         const out = run('qemu-io', ['-f', 'raw', '-n', '-i', 'threads', ...cmds.flatMap((cmd) => ['-c', cmd]), raw]);
         expect(out.code, out.stderr).toBe(0);
         expect(out.stdout + out.stderr).not.toMatch(/Pattern verification failed|error|failed/i);
         qemuIo(ref, writes.map((w) => `write -P ${w.pattern} ${w.off} ${w.len}`));
+        // The disk's last bytes (in a partial cluster when the size is odd), read back at once.
+        const tail = `${size - 2 * c.unit} ${2 * c.unit}`;
+        const t = run('qemu-io', ['-f', 'raw', '-n', '-c', `write -P ${0xd0 + round} ${tail}`, '-c', `read -P ${0xd0 + round} ${tail}`, raw]);
+        expect(t.code, t.stderr).toBe(0);
+        expect(t.stdout + t.stderr).not.toMatch(/Pattern verification failed|error|failed/i);
+        qemuIo(ref, [`write -P ${0xd0 + round} ${tail}`]);
         // New clusters discarded again at once (the longest writes: whole clusters too; the engine
         // must know of them first).
-        const more = planWrites(r, c.unit, 20, round + 10).sort((a, b) => b.len - a.len);
+        const more = planWrites(r, c.unit, 20, round + 10, size).sort((a, b) => b.len - a.len);
         // One process, no close in between (a close flushes, and a flush hands over): FUSE
         // writes are write-through, so each write reaches the daemon before the punch does.
         const script = `
