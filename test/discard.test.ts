@@ -169,4 +169,27 @@ describe('discard (fallocate punch hole / zero range) through the mount', () => 
     const map = JSON.parse(qemuImg('map', '--output', 'json', image)) as { data: boolean }[];
     expect(map.every((e) => !e.data)).toBe(true);
   });
+
+  it('allocates nothing for partial-cluster discards and zeroing of bytes that read as zeros', async () => {
+    need('qemu-img', 'qemu-io', 'fallocate', '/dev/fuse');
+    const dir = scratchDir('discard-none');
+    const image = path.join(dir, 'disk.qcow2');
+    qemuImg('create', '-q', '-f', 'qcow2', image, String(SIZE));
+    // A zero cluster (v3 zero flag) and a hole; mkfs.ext4 discards and zeroes such pieces.
+    qemuIo(image, ['write -z -u 8M 64k']);
+    const before = JSON.parse(qemuImg('check', '--output', 'json', image)) as { 'allocated-clusters'?: number };
+    await withMount(image, [], (raw) => {
+      for (const [flag, off, len] of [['-p', 4096, 4096], ['-z', 1 * MiB + 512, 8192], ['-p', 8 * MiB + 4096, 4096], ['-z', 8 * MiB + 60 * 1024, 8192], ['-z', 20 * MiB - 4096, 12288]] as const) {
+        const f = run('fallocate', [flag, '-o', String(off), '-l', String(len), raw]);
+        expect(f.code, f.stderr).toBe(0);
+      }
+    });
+    const after = JSON.parse(qemuImg('check', '--output', 'json', image)) as { 'allocated-clusters'?: number; leaks?: number; corruptions?: number };
+    expect(after.corruptions ?? 0).toBe(0);
+    expect(after.leaks ?? 0).toBe(0);
+    expect(after['allocated-clusters'] ?? 0, 'clusters allocated by zeroing zeros').toBe(before['allocated-clusters'] ?? 0);
+    const zeros = path.join(dir, 'zeros.raw');
+    qemuImg('create', '-q', '-f', 'raw', zeros, String(SIZE));
+    expectSameContent(image, 'qcow2', zeros, 'raw');
+  });
 });
