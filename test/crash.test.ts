@@ -52,6 +52,34 @@ function checkCode(image: string): { code: number; out: string } {
   return { code: r.code, out: r.stdout + r.stderr };
 }
 
+/**
+ * Builds `states` crash states of the recorded ops on top of `original` (everything before a
+ * random barrier, or before the first, plus a random half of the ops up to the next) and lets
+ * qemu-img check judge each: leaks are allowed, corruption never. Returns how many had leaks.
+ */
+function replayCrashStates(ops: readonly Op[], original: Buffer, crashImage: string, r: () => number, states: number): number {
+  const barriers = ops.flatMap((op, i) => (op.kind === 'barrier' ? [i] : []));
+  let leaky = 0;
+  for (let s = 0; s < states; s++) {
+    const bIndex = Math.floor(r() * (barriers.length + 1)) - 1;
+    const durableEnd = bIndex < 0 ? 0 : barriers[bIndex]!;
+    const nextBarrier = bIndex + 1 < barriers.length ? barriers[bIndex + 1]! : ops.length;
+    const fd = fs.openSync(crashImage, 'w');
+    fs.writeSync(fd, original);
+    const apply = (op: Op): void => {
+      if (op.kind === 'write') fs.writeSync(fd, op.data, 0, op.data.length, op.offset);
+      else if (op.kind === 'truncate') fs.ftruncateSync(fd, op.size);
+    };
+    for (let i = 0; i < durableEnd; i++) apply(ops[i]!);
+    for (let i = durableEnd; i < nextBarrier; i++) if (r() < 0.5) apply(ops[i]!);
+    fs.closeSync(fd);
+    const { code, out } = checkCode(crashImage);
+    expect(code === 0 || code === 3, `crash state ${s} (after barrier ${bIndex}): ${out}`).toBe(true);
+    if (code === 3) leaky++;
+  }
+  return leaky;
+}
+
 describe('crash-state replay', () => {
   const configs = [
     { name: 'plain 64K', opts: 'cluster_size=64k', snapshots: false },
@@ -87,30 +115,11 @@ describe('crash-state replay', () => {
     await dev.close();
     expect(checkCode(image).code).toBe(0);
 
-    const barriers = file.ops.flatMap((op, i) => (op.kind === 'barrier' ? [i] : []));
-    expect(barriers.length).toBeGreaterThan(10);
+    const barriers = file.ops.filter((op) => op.kind === 'barrier').length;
+    expect(barriers).toBeGreaterThan(10);
     const states = 200;
-    const crashImage = path.join(dir, 'crash.qcow2');
-    let leaky = 0;
-    for (let s = 0; s < states; s++) {
-      // Crash after barrier b (or before the first one): all earlier writes landed, some later ones.
-      const bIndex = Math.floor(r() * (barriers.length + 1)) - 1;
-      const durableEnd = bIndex < 0 ? 0 : barriers[bIndex]!;
-      const nextBarrier = bIndex + 1 < barriers.length ? barriers[bIndex + 1]! : file.ops.length;
-      const fd = fs.openSync(crashImage, 'w');
-      fs.writeSync(fd, original);
-      const apply = (op: Op): void => {
-        if (op.kind === 'write') fs.writeSync(fd, op.data, 0, op.data.length, op.offset);
-        else if (op.kind === 'truncate') fs.ftruncateSync(fd, op.size);
-      };
-      for (let i = 0; i < durableEnd; i++) apply(file.ops[i]!);
-      for (let i = durableEnd; i < nextBarrier; i++) if (r() < 0.5) apply(file.ops[i]!);
-      fs.closeSync(fd);
-      const { code, out } = checkCode(crashImage);
-      expect(code === 0 || code === 3, `crash state ${s} (after barrier ${bIndex}): ${out}`).toBe(true);
-      if (code === 3) leaky++;
-    }
-    console.log(`${cfg.name}: ${barriers.length} barriers, ${file.ops.length} ops, ${states} crash states, ${leaky} with leaks, 0 corrupt`);
+    const leaky = replayCrashStates(file.ops, original, path.join(dir, 'crash.qcow2'), r, states);
+    console.log(`${cfg.name}: ${barriers} barriers, ${file.ops.length} ops, ${states} crash states, ${leaky} with leaks, 0 corrupt`);
   });
 
   it.each([
@@ -169,24 +178,7 @@ describe('crash-state replay', () => {
     expect(checkCode(image).code).toBe(0);
     expect(taken.size, 'clusters allocated outside the engine').toBeGreaterThan(100);
 
-    const barriers = file.ops.flatMap((op, i) => (op.kind === 'barrier' ? [i] : []));
-    const crashImage = path.join(dir, 'crash.qcow2');
-    for (let s = 0; s < 150; s++) {
-      const bIndex = Math.floor(r() * (barriers.length + 1)) - 1;
-      const durableEnd = bIndex < 0 ? 0 : barriers[bIndex]!;
-      const nextBarrier = bIndex + 1 < barriers.length ? barriers[bIndex + 1]! : file.ops.length;
-      const fd = fs.openSync(crashImage, 'w');
-      fs.writeSync(fd, original);
-      const apply = (op: Op): void => {
-        if (op.kind === 'write') fs.writeSync(fd, op.data, 0, op.data.length, op.offset);
-        else if (op.kind === 'truncate') fs.ftruncateSync(fd, op.size);
-      };
-      for (let i = 0; i < durableEnd; i++) apply(file.ops[i]!);
-      for (let i = durableEnd; i < nextBarrier; i++) if (r() < 0.5) apply(file.ops[i]!);
-      fs.closeSync(fd);
-      const { code, out } = checkCode(crashImage);
-      expect(code === 0 || code === 3, `crash state ${s} (after barrier ${bIndex}): ${out}`).toBe(true);
-    }
+    replayCrashStates(file.ops, original, path.join(dir, 'crash.qcow2'), r, 150);
   });
 });
 
