@@ -188,6 +188,24 @@ export class ClusterMapper {
     let length = gs - intoGranule;
     const totalGranules = g.l2Entries * granulesPerCluster;
     while (length < maxLength && ++granule < totalGranules) {
+      if (kind === K_UNALLOC) {
+        // An all-zero entry is unallocated in every layout: the common case in a fresh table,
+        // walked without classify().
+        if (!g.extendedL2) {
+          const at = granule * 8;
+          if (table.readUInt32BE(at) === 0 && table.readUInt32BE(at + 4) === 0) {
+            length += gs;
+            continue;
+          }
+        } else if ((granule & 31) === 0) {
+          const at = (granule >>> 5) * 16;
+          if (table.readUInt32BE(at) === 0 && table.readUInt32BE(at + 4) === 0 && table.readUInt32BE(at + 8) === 0 && table.readUInt32BE(at + 12) === 0) {
+            length += 32 * gs;
+            granule += 31;
+            continue;
+          }
+        }
+      }
       idx = g.extendedL2 ? granule >>> 5 : granule;
       sub = g.extendedL2 ? granule & 31 : 0;
       this.classify(table, idx, sub, l1Index);

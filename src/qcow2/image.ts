@@ -312,22 +312,24 @@ export class Qcow2Image implements BlockDevice {
         return { kind: 'other', length: m.length };
       case 'unallocated': {
         const b = this.backing;
-        if (b === null || offset >= b.size) return this.zeroRun(offset, m.length);
+        // Standard entries found unallocated have no host and no flags: nothing to check again.
+        const free = !this.geometry.extendedL2;
+        if (b === null || offset >= b.size) return this.zeroRun(offset, m.length, free);
         const inBacking = Math.min(m.length, b.size - offset);
         const run = b.plainRunCached ? b.plainRunCached(offset, inBacking) : { kind: 'other' as const, length: inBacking };
         // The backing file's bytes are read-only from here: a write allocates in this layer
         // (where the backing file reads as zeros, a fresh cluster of this layer reads the same).
         if (run.kind === 'data') return run.writable ? { ...run, writable: false } : run;
-        if (run.kind === 'zero') return this.zeroRun(offset, run.length);
+        if (run.kind === 'zero') return this.zeroRun(offset, run.length, free);
         return run;
       }
     }
   }
 
   /** A 'zero' PlainRun from offset: as long as whether a write may allocate it natively stays the same. */
-  private zeroRun(offset: number, length: number): PlainRun {
+  private zeroRun(offset: number, length: number, entriesFree = false): PlainRun {
     if (!this.writer) return { kind: 'zero', length };
-    const f = this.writer.freshRun(offset, length);
+    const f = this.writer.freshRun(offset, length, entriesFree);
     return { kind: 'zero', length: f.length, allocatable: f.allocatable };
   }
 

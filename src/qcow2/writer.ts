@@ -456,8 +456,10 @@ export class Qcow2Writer {
    * 'zero', allocatable): no host cluster (unallocated, or zero without a preallocated cluster),
    * the L2 table cached or absent, no write of the engine deciding about them; and for how many
    * bytes of [offset, +len) that answer holds (at least to the end of the first cluster).
+   * `entriesFree`: the caller's lookup found these entries unallocated (standard layout: no host,
+   * no flags), so they need not be read again.
    */
-  freshRun(offset: number, len: number): { allocatable: boolean; length: number } {
+  freshRun(offset: number, len: number, entriesFree = false): { allocatable: boolean; length: number } {
     if (!this.prepared || this.failed !== null || len <= 0) return { allocatable: false, length: len };
     const img = this.img;
     const g = img.geometry;
@@ -480,7 +482,7 @@ export class Qcow2Writer {
       }
       if (table === undefined) {
         ok = false;
-      } else if (ok && table !== null) {
+      } else if (ok && table !== null && !entriesFree) {
         const at = (gc - l1Index * g.l2Entries) * g.l2EntryBytes;
         const hi = table.readUInt32BE(at);
         ok = (hi & OFLAG_COMPRESSED_HI) === 0 && entryOffset(hi, table.readUInt32BE(at + 4)) === 0 && !(g.extendedL2 && table.readUInt32BE(at + 12) !== 0);
