@@ -116,3 +116,71 @@ describe('ext4 on a new 2 GiB image through the mount', () => {
     expect(qcow2fs(['--version']).code).toBe(0);
   });
 });
+
+describe('ext4 across an internal snapshot through the mount', () => {
+  it('keeps the snapshot\'s filesystem intact while the active one is changed, trimmed and refilled; QEMU reads both back', async () => {
+    need('qemu-img', '/dev/fuse', 'losetup', 'mkfs.ext4', 'e2fsck', 'fstrim', 'mount', 'root');
+    const dir = scratchDir('wf-snap');
+    const image = path.join(dir, 'disk.qcow2');
+    const fsDir = path.join(dir, 'fs');
+    fs.mkdirSync(fsDir);
+    qemuImg('create', '-q', '-f', 'qcow2', image, String(512 * 1024 * 1024));
+    const tree1 = path.join(dir, 'tree1');
+    makeTree(tree1, 600);
+    const withExt4 = (raw: string, fn: () => void, opts: string[] = []): void => {
+      const loop = sh('losetup', ['-f', '--show', ...opts, raw]).trim();
+      try {
+        const m = run('mount', [...(opts.includes('-r') ? ['-o', 'ro'] : []), loop, fsDir]);
+        expect(m.code, m.stderr).toBe(0);
+        try {
+          fn();
+        } finally {
+          expect(run('umount', [fsDir]).code).toBe(0);
+        }
+      } finally {
+        run('losetup', ['-d', loop]);
+      }
+    };
+    // 1. A filesystem with tree1, then a snapshot of it.
+    await withMount(image, [], (raw) => {
+      expect(run('mkfs.ext4', ['-q', raw]).code).toBe(0);
+      withExt4(raw, () => expect(run('cp', ['-a', `${tree1}/.`, fsDir]).code).toBe(0));
+    });
+    qemuImg('snapshot', '-c', 's1', image);
+    // 2. The active filesystem changed: part deleted, trimmed, a second tree and random data.
+    const tree2 = path.join(dir, 'tree2');
+    makeTree(tree2, 400);
+    const big = path.join(dir, 'big.bin');
+    const bigData = Buffer.alloc(8 << 20);
+    for (let i = 0; i < bigData.length; i++) bigData[i] = Math.imul(i, 2654435761) >>> 24;
+    fs.writeFileSync(big, bigData);
+    await withMount(image, [], (raw) => {
+      withExt4(raw, () => {
+        fs.rmSync(path.join(fsDir, 'd0'), { recursive: true });
+        fs.rmSync(path.join(fsDir, 'd1'), { recursive: true });
+        expect(run('fstrim', [fsDir]).code).toBe(0);
+        expect(run('cp', ['-a', tree2, path.join(fsDir, 'again')]).code).toBe(0);
+        expect(run('cp', [big, fsDir]).code).toBe(0);
+      });
+    });
+    const check = run('qemu-img', ['check', image]);
+    expect(check.code, check.stdout + check.stderr).toBe(0);
+    // 3. QEMU reads both back: the snapshot as it was, the active one as changed.
+    const snapRaw = path.join(dir, 's1.raw');
+    const activeRaw = path.join(dir, 'active.raw');
+    qemuImg('convert', '-O', 'raw', '-l', 'snapshot.name=s1', image, snapRaw);
+    qemuImg('convert', '-O', 'raw', image, activeRaw);
+    for (const r of [snapRaw, activeRaw]) expect(run('e2fsck', ['-fn', r]).code, `e2fsck ${r}`).toBe(0);
+    withExt4(snapRaw, () => expect(diffTrees(tree1, fsDir)).toBe(''), ['-r']);
+    withExt4(
+      activeRaw,
+      () => {
+        expect(fs.existsSync(path.join(fsDir, 'd0'))).toBe(false);
+        expect(diffTrees(tree2, path.join(fsDir, 'again'))).toBe('');
+        expect(run('cmp', [big, path.join(fsDir, 'big.bin')]).code).toBe(0);
+        expect(run('cmp', [path.join(tree1, 'd7', 'e0', 'f7.txt'), path.join(fsDir, 'd7', 'e0', 'f7.txt')]).code).toBe(0);
+      },
+      ['-r'],
+    );
+  });
+});
