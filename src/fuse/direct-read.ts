@@ -44,6 +44,8 @@ const MAX_REGIONS_REMEMBERED = 65536;
 const BATCH = 256;
 /** Flag added to a slot's fd: writes may go to the same host bytes (see PlainRun.writable). */
 const SLOT_WRITABLE = 0x40000000;
+/** Half the binding's allocation log (QCOW2FS_ALLOC_LOG_PAIRS): it asks to be taken then. */
+const ALLOC_LOG_HALF = 4096;
 /** A slot's fd for zeros that a write may allocate. */
 const SLOT_ALLOCATABLE = -2;
 /** Fresh clusters reserved at a time (the binding holds two such ranges at most). */
@@ -95,6 +97,9 @@ export class DirectReadMap implements MappingObserver {
     if (this.allocating) {
       this.settleTimer = setInterval(() => this.tick(), SETTLE_INTERVAL_MS);
       this.settleTimer.unref();
+      // A range of the pool used up, or the log half full: top up and take it before writes
+      // have to wait for JS.
+      native.onLow(index, () => this.low());
     }
   }
 
@@ -216,6 +221,13 @@ export class DirectReadMap implements MappingObserver {
     this.dev.settleAllocations!().catch((err: unknown) => log.error({ path: this.path }, `taking native allocations failed: ${(err as Error).message}`));
   }
 
+  /** The binding's pool ran low or its log half full (vendor/fuse-native QCOW2FS_ALLOC_LOG_PAIRS / 2). */
+  private low(): void {
+    if (this.closed) return;
+    if (this.native.pending(this.index) >= ALLOC_LOG_HALF) this.settleSoon();
+    if (this.written) this.ensurePool();
+  }
+
   private tick(): void {
     if (this.closed) return;
     if (this.native.pending(this.index) > 0) this.settleSoon();
@@ -229,7 +241,8 @@ export class DirectReadMap implements MappingObserver {
   private ensurePool(): void {
     this.written = true;
     if (!this.allocating || this.closed || this.poolRequest !== null) return;
-    if (this.native.stats(this.index)[6] >= this.poolClusters * this.clusterSize) return;
+    // Two ranges: one in use, one to go on with while JS reserves the next.
+    if (this.native.stats(this.index)[6] >= 2 * this.poolClusters * this.clusterSize) return;
     const bytes = this.poolClusters * this.clusterSize;
     const dev = this.dev;
     this.poolRequest = dev

@@ -97,6 +97,8 @@ declare module 'fuse-native' {
     takePool(index: number): number[];
     /** Native allocations not taken yet. */
     pending(index: number): number;
+    /** cb runs (on the JS thread) when the pool runs low or the allocation log is half full. */
+    onLow(index: number, cb: () => void): void;
   }
   }
   class Fuse {

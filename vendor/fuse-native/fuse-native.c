@@ -168,6 +168,10 @@ typedef struct {
   uint32_t alloc_cap;
   uint32_t alloc_len;
   uint64_t allocs;     // allocations done here, ever (under lock)
+  // Called (JS, nonblocking) when a pool range is used up or the log is half full, once until
+  // JS supplies a range or takes the log: so that it does before writes have to go to JS.
+  napi_threadsafe_function low_tsfn;
+  uint32_t low_signaled;
   uint64_t slot_mask;
   qcow2fs_slot_t *slots;
   uint64_t size;       // bytes; reads past it go to JS (atomic)
@@ -1200,6 +1204,12 @@ static int qcow2fs_run_write (int32_t fd, const char *src, size_t len, uint64_t 
  * the engine takes before it next looks at these clusters' metadata (see direct-read.ts). 0 when
  * a slot is neither writable nor allocatable any more, the pool is empty or the log is full.
  */
+static void qcow2fs_signal_low_locked (qcow2fs_fastmap_t *m) {
+  if (m->low_tsfn == NULL || m->low_signaled) return;
+  m->low_signaled = 1;
+  napi_call_threadsafe_function(m->low_tsfn, NULL, napi_tsfn_nonblocking);
+}
+
 static int qcow2fs_allocate_locked (qcow2fs_fastmap_t *m, uint64_t pos, uint64_t end) {
   uint32_t cb = m->cluster_bits;
   uint64_t cs = 1ull << cb;
@@ -1209,17 +1219,22 @@ static int qcow2fs_allocate_locked (qcow2fs_fastmap_t *m, uint64_t pos, uint64_t
     if (!qcow2fs_slot_get(m, c, &fd, &host)) return 0;
     if (fd >= 0 && (fd & QCOW2FS_SLOT_WRITABLE)) continue;
     if (fd != QCOW2FS_SLOT_ALLOCATABLE) return 0;
-    if (m->n_pool == 0 || m->alloc_len == m->alloc_cap) return 0;
+    if (m->n_pool == 0 || m->alloc_len == m->alloc_cap) {
+      qcow2fs_signal_low_locked(m);
+      return 0;
+    }
     qcow2fs_pool_range_t *r = &m->pool[0];
     host = r->next;
     r->next += cs;
     if (r->next >= r->end) {
       for (uint32_t i = 1; i < m->n_pool; i++) m->pool[i - 1] = m->pool[i];
       m->n_pool--;
+      qcow2fs_signal_low_locked(m);
     }
     m->alloc_log[m->alloc_len * 2] = c;
     m->alloc_log[m->alloc_len * 2 + 1] = host;
     m->alloc_len++;
+    if (m->alloc_len * 2 >= m->alloc_cap) qcow2fs_signal_low_locked(m);
     m->allocs++;
     qcow2fs_slot_set(m, c, m->pool_fd | QCOW2FS_SLOT_WRITABLE, host, 1);
   }
@@ -1410,6 +1425,7 @@ NAPI_METHOD(qcow2fs_fastmap_take_allocations) {
   for (uint32_t i = 0; i < n * 2; i++) out[i] = (double) m->alloc_log[i];
   memmove(m->alloc_log, m->alloc_log + n * 2, (size_t) (m->alloc_len - n) * 2 * sizeof(uint64_t));
   m->alloc_len -= n;
+  if (n > 0) m->low_signaled = 0;
   pthread_mutex_unlock(&m->lock);
   return qcow2fs_int32(env, (int32_t) n);
 }
@@ -1432,6 +1448,7 @@ NAPI_METHOD(qcow2fs_fastmap_supply) {
       m->pool[m->n_pool].next = (uint64_t) host;
       m->pool[m->n_pool].end = (uint64_t) host + (uint64_t) bytes;
       m->n_pool++;
+      m->low_signaled = 0;
       ok = 1;
     }
     pthread_mutex_unlock(&m->lock);
@@ -1531,6 +1548,25 @@ NAPI_METHOD(qcow2fs_fastmap_disable) {
 
 // fastmap_stats(thread, index) -> [read hits, read misses, writes done here, write misses,
 //   allocations done here, of them not taken by JS yet, pool bytes left]
+// fastmap_on_low(thread, index, callback): called when the pool runs low or the log fills
+NAPI_METHOD(qcow2fs_fastmap_on_low) {
+  NAPI_ARGV(3)
+  NAPI_ARGV_BUFFER_CAST(fuse_thread_t *, ft, 0);
+  NAPI_ARGV_UINT32(index, 1);
+  qcow2fs_fastmap_t *m = qcow2fs_fastmap_of(ft, index);
+  if (m == NULL || m->low_tsfn != NULL) return NULL;
+  napi_value name;
+  napi_create_string_utf8(env, "qcow2fs_pool_low", NAPI_AUTO_LENGTH, &name);
+  napi_threadsafe_function tsfn;
+  if (napi_create_threadsafe_function(env, argv[2], NULL, name, 0, 1, NULL, NULL, NULL, NULL, &tsfn) != napi_ok) return NULL;
+  // It must not keep the process alive.
+  napi_unref_threadsafe_function(env, tsfn);
+  pthread_mutex_lock(&m->lock);
+  m->low_tsfn = tsfn;
+  pthread_mutex_unlock(&m->lock);
+  return NULL;
+}
+
 // fastmap_pending(thread, index) -> allocations done here that JS has not taken yet
 NAPI_METHOD(qcow2fs_fastmap_pending) {
   NAPI_ARGV(2)
@@ -1739,6 +1775,7 @@ NAPI_INIT() {
   NAPI_EXPORT_FUNCTION(qcow2fs_fastmap_supply)
   NAPI_EXPORT_FUNCTION(qcow2fs_fastmap_take_pool)
   NAPI_EXPORT_FUNCTION(qcow2fs_fastmap_pending)
+  NAPI_EXPORT_FUNCTION(qcow2fs_fastmap_on_low)
   NAPI_EXPORT_FUNCTION(fuse_native_unmount)
 
   NAPI_EXPORT_FUNCTION(fuse_native_signal_getattr)

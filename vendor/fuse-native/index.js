@@ -241,7 +241,8 @@ class Fuse extends Nanoresource {
       takeAllocations: (index, out) => binding.qcow2fs_fastmap_take_allocations(t, index, out),
       supply: (index, fd, host, bytes) => binding.qcow2fs_fastmap_supply(t, index, fd, host, bytes),
       takePool: (index) => binding.qcow2fs_fastmap_take_pool(t, index),
-      pending: (index) => binding.qcow2fs_fastmap_pending(t, index)
+      pending: (index) => binding.qcow2fs_fastmap_pending(t, index),
+      onLow: (index, cb) => binding.qcow2fs_fastmap_on_low(t, index, cb)
     }
   }
 
