@@ -110,26 +110,6 @@ export function makeOps(layout: Layout, opts: OpsOptions, state: OpsState = { op
     }
   }
 
-  /** A read the binding did not answer, by the engine; then the binding learns what it now knows. */
-  function readEngine(dev: BlockDevice, dst: Buffer, pos: number, n: number, direct: DirectReadMap | undefined, path: string, cb: (res: number) => void): void {
-    // Fast path: cached metadata and page-cached data answer on this thread, without Promises.
-    try {
-      if (dev.readCached?.(dst, pos)) {
-        direct?.learn(pos, n);
-        return cb(n);
-      }
-    } catch (err) {
-      return cb(errno(err, 'read', path));
-    }
-    dev.read(dst, pos).then(
-      () => {
-        direct?.learn(pos, n);
-        cb(n);
-      },
-      (err) => cb(errno(err, 'read', path)),
-    );
-  }
-
   let nextHandle = 1;
 
   return {
@@ -175,17 +155,23 @@ export function makeOps(layout: Layout, opts: OpsOptions, state: OpsState = { op
       const dst = n === buf.length ? buf : buf.subarray(0, n);
       // Not answered by the binding's direct read map: tell it what the engine now knows.
       const direct = state.directReads?.get(path);
-      // Clusters the binding allocated itself reach the engine's metadata first.
-      if (direct?.pendingAllocations() && dev.settleAllocations) {
-        dev.settleAllocations().then(
-          () => readEngine(dev, dst, pos, n, direct, path, cb),
-          (err) => cb(errno(err, 'read', path)),
-        );
-        return;
+      // Fast path: cached metadata and page-cached data answer on this thread, without Promises.
+      try {
+        if (dev.readCached?.(dst, pos)) {
+          direct?.learn(pos, n);
+          return cb(n);
+        }
+      } catch (err) {
+        return cb(errno(err, 'read', path));
       }
-      readEngine(dev, dst, pos, n, direct, path, cb);
+      dev.read(dst, pos).then(
+        () => {
+          direct?.learn(pos, n);
+          cb(n);
+        },
+        (err) => cb(errno(err, 'read', path)),
+      );
     },
-
     write(path, _fd, buf, len, pos, cb) {
       const dev = device(path);
       if (!dev) return cb(Fuse.EROFS);

@@ -50,6 +50,8 @@ export interface MappingObserver {
    */
   takeAllocations?(out: Float64Array): number;
   adopted?(pairs: number): void;
+  /** Whether there are such allocations now (cheap: reads and status take them first). */
+  pendingAllocations?(): boolean;
 }
 
 export interface BlockDevice {

@@ -259,7 +259,7 @@ export class Qcow2Image implements BlockDevice {
   readCached(buf: Uint8Array, offset: number): boolean {
     checkRange(this, offset, buf.length);
     const file = this.file;
-    if (!file.preadCached) return false;
+    if (!file.preadCached || this.allocationsPending()) return false;
     let pos = 0;
     while (pos < buf.length) {
       const m = this.mapper.lookupCached(this.l1, offset + pos, buf.length - pos);
@@ -307,27 +307,27 @@ export class Qcow2Image implements BlockDevice {
         if (!(this.file instanceof FdFile)) return { kind: 'other', length: m.length };
         return { kind: 'data', length: m.length, fd: this.file.fd, hostOffset: m.hostOffset, writable: this.writer?.canWriteInPlace(offset, m.length) ?? false };
       case 'zero':
-        return this.zeroRun(offset, m.length);
+        return this.zeroAnswer(offset, m.length);
       case 'compressed':
         return { kind: 'other', length: m.length };
       case 'unallocated': {
         const b = this.backing;
         // Standard entries found unallocated have no host and no flags: nothing to check again.
         const free = !this.geometry.extendedL2;
-        if (b === null || offset >= b.size) return this.zeroRun(offset, m.length, free);
+        if (b === null || offset >= b.size) return this.zeroAnswer(offset, m.length, free);
         const inBacking = Math.min(m.length, b.size - offset);
         const run = b.plainRunCached ? b.plainRunCached(offset, inBacking) : { kind: 'other' as const, length: inBacking };
         // The backing file's bytes are read-only from here: a write allocates in this layer
         // (where the backing file reads as zeros, a fresh cluster of this layer reads the same).
         if (run.kind === 'data') return run.writable ? { ...run, writable: false } : run;
-        if (run.kind === 'zero') return this.zeroRun(offset, run.length, free);
+        if (run.kind === 'zero') return this.zeroAnswer(offset, run.length, free);
         return run;
       }
     }
   }
 
   /** A 'zero' PlainRun from offset: as long as whether a write may allocate it natively stays the same. */
-  private zeroRun(offset: number, length: number, entriesFree = false): PlainRun {
+  private zeroAnswer(offset: number, length: number, entriesFree = false): PlainRun {
     if (!this.writer) return { kind: 'zero', length };
     const f = this.writer.freshRun(offset, length, entriesFree);
     return { kind: 'zero', length: f.length, allocatable: f.allocatable };
@@ -339,6 +339,14 @@ export class Qcow2Image implements BlockDevice {
 
   noteExternalWrites(): void {
     this.writer?.noteExternalWrites();
+  }
+
+  /**
+   * The mapping observer allocated clusters that the metadata does not show yet: reads and
+   * status must have the writer take them first (settleAllocations), or they would see zeros.
+   */
+  private allocationsPending(): boolean {
+    return this.writer !== null && (this.mappingObserver?.pendingAllocations?.() ?? false);
   }
 
   async reserveFresh(clusters: number): Promise<{ fd: number; hostOffset: number } | null> {
@@ -357,6 +365,7 @@ export class Qcow2Image implements BlockDevice {
 
   async read(buf: Uint8Array, offset: number): Promise<void> {
     checkRange(this, offset, buf.length);
+    if (this.allocationsPending()) await this.writer!.settleAllocations();
     const pending: Promise<void>[] = [];
     let pos = 0;
     let compressed = false;
@@ -394,6 +403,7 @@ export class Qcow2Image implements BlockDevice {
 
   async status(offset: number, length: number): Promise<Extent[]> {
     checkRange(this, offset, length);
+    if (this.allocationsPending()) await this.writer!.settleAllocations();
     const out: Extent[] = [];
     let pos = offset;
     const end = offset + length;

@@ -301,9 +301,7 @@ export class Qcow2Writer {
 
   private async writeZeroBytes(offset: number, length: number): Promise<void> {
     // Bytes that read as zeros already (nothing allocated there, no backing data showing
-    // through) need nothing: no write, no cluster allocated for them (as QEMU does). The mapping
-    // observer's own allocations are taken into the metadata first, so that it tells the truth.
-    await this.settleAllocations();
+    // through) need nothing: no write, no cluster allocated for them (as QEMU does).
     if ((await this.img.status(offset, length)).every((e) => e.kind === 'zero' || e.kind === 'hole')) return;
     const chunk = Buffer.alloc(Math.min(length, MAX_RUN_BYTES));
     for (let pos = offset; pos < offset + length; pos += chunk.length) {
