@@ -95,11 +95,11 @@ export class DirectReadMap implements MappingObserver {
     const diskClusters = Math.ceil(dev.size / this.clusterSize);
     this.poolClusters = Math.max(1, Math.min(diskClusters, Math.max(POOL_MIN_CLUSTERS, Math.min(POOL_MAX_CLUSTERS, Math.floor(POOL_BYTES / this.clusterSize)))));
     if (this.allocating) {
-      this.settleTimer = setInterval(() => this.tick(), SETTLE_INTERVAL_MS);
+      this.settleTimer = setInterval(() => this.tick(1), SETTLE_INTERVAL_MS);
       this.settleTimer.unref();
       // A range of the pool used up, or the log half full: top up and take it before writes
       // have to wait for JS.
-      native.onLow(index, () => this.low());
+      native.onLow(index, () => this.tick(ALLOC_LOG_HALF));
     }
   }
 
@@ -153,7 +153,8 @@ export class DirectReadMap implements MappingObserver {
       seen.delete(region);
       this.settleSoon();
     }
-    if (afterWrite) this.ensurePool();
+    // The first write reserves the pool; the binding asks for more itself (onLow), the tick too.
+    if (afterWrite && !this.written) this.ensurePool();
   }
 
   /** Publishes every cluster of [start, end) (start cluster-aligned) that one plain run covers whole. */
@@ -221,16 +222,13 @@ export class DirectReadMap implements MappingObserver {
     this.dev.settleAllocations!().catch((err: unknown) => log.error({ path: this.path }, `taking native allocations failed: ${(err as Error).message}`));
   }
 
-  /** The binding's pool ran low or its log half full (vendor/fuse-native QCOW2FS_ALLOC_LOG_PAIRS / 2). */
-  private low(): void {
+  /**
+   * Periodically, and when the binding's pool ran low or its log is half full (onLow): takes the
+   * log once it holds `minPending` allocations, and tops the pool up.
+   */
+  private tick(minPending: number): void {
     if (this.closed) return;
-    if (this.native.pending(this.index) >= ALLOC_LOG_HALF) this.settleSoon();
-    if (this.written) this.ensurePool();
-  }
-
-  private tick(): void {
-    if (this.closed) return;
-    if (this.native.pending(this.index) > 0) this.settleSoon();
+    if (this.native.pending(this.index) >= minPending) this.settleSoon();
     if (this.written) this.ensurePool();
   }
 
@@ -245,15 +243,19 @@ export class DirectReadMap implements MappingObserver {
     if (this.native.stats(this.index)[6] >= 2 * this.poolClusters * this.clusterSize) return;
     const bytes = this.poolClusters * this.clusterSize;
     const dev = this.dev;
+    let supplied = false;
     this.poolRequest = dev
       .reserveFresh!(this.poolClusters)
       .then(async (r) => {
         if (r === null) return;
-        if (this.closed || !this.native.supply(this.index, r.fd, r.hostOffset, bytes)) await dev.releaseFresh!(r.hostOffset, bytes);
+        supplied = !this.closed && this.native.supply(this.index, r.fd, r.hostOffset, bytes);
+        if (!supplied) await dev.releaseFresh!(r.hostOffset, bytes);
       })
       .catch((err: unknown) => log.debug({ path: this.path, err: (err as Error).message }, 'no fresh clusters for native allocation'))
       .finally(() => {
         this.poolRequest = null;
+        // Up to two ranges (one reservation at a time).
+        if (supplied) this.ensurePool();
       });
   }
 
