@@ -279,10 +279,8 @@ export class Qcow2Writer {
         await this.prepare();
         // zeroRun stays inside one L2 table.
         const span = Math.min(b - pos, this.bytesPerL2 - (pos % this.bytesPerL2));
-        this.planFirst = Math.floor(pos / this.cs);
-        this.planLast = Math.ceil((pos + span) / this.cs) - 1;
         try {
-          await this.settleLocked(pos, span);
+          await this.claimLocked(pos / this.cs, Math.ceil((pos + span) / this.cs) - 1);
           return await this.zeroRun(pos, b - pos);
         } finally {
           this.planFirst = this.planLast = -1;
@@ -524,6 +522,17 @@ export class Qcow2Writer {
   }
 
   /**
+   * Lock held, before planRun/zeroRun decides about guest clusters [first, last]: the mapping
+   * observer allocates none of them from now on (planFirst/planLast until the caller resets them;
+   * then inflight says so), and what it allocated comes into the metadata first.
+   */
+  private async claimLocked(first: number, last: number): Promise<void> {
+    this.planFirst = first;
+    this.planLast = last;
+    await this.settleLocked(first * this.cs, (last - first + 1) * this.cs);
+  }
+
+  /**
    * Lock held: forgets cached mappings of [offset, +length) (so the observer allocates none of
    * them from now on), then takes every allocation it did into the metadata.
    */
@@ -701,11 +710,7 @@ export class Qcow2Writer {
     const firstCluster = Math.floor(guestOffset / cs);
     const lastCluster = Math.min(Math.floor((end - 1) / cs), firstCluster + MAX_RUN_CLUSTERS - 1);
     const runEnd = Math.min(end, (lastCluster + 1) * cs);
-    // Clusters the mapping observer allocated itself come into the metadata first; from here on
-    // it allocates none of this run's (until they are in flight, then inflight says so).
-    this.planFirst = firstCluster;
-    this.planLast = lastCluster;
-    await this.settleLocked(firstCluster * cs, (lastCluster - firstCluster + 1) * cs);
+    await this.claimLocked(firstCluster, lastCluster);
 
     let table = await img.l2Table(l1Index);
     const jobs: ClusterJob[] = [];
