@@ -1198,18 +1198,19 @@ static int qcow2fs_run_write (int32_t fd, const char *src, size_t len, uint64_t 
   return 1;
 }
 
-/*
- * Allocates, from the pool, every cluster of [pos, end) whose slot says "allocatable" (lock
- * held): the slot becomes "writable at the new host cluster" and the pair goes to the log, which
- * the engine takes before it next looks at these clusters' metadata (see direct-read.ts). 0 when
- * a slot is neither writable nor allocatable any more, the pool is empty or the log is full.
- */
+// Tells JS (onLow) that the pool ran low or the log is half full; once until it supplies or takes.
 static void qcow2fs_signal_low_locked (qcow2fs_fastmap_t *m) {
   if (m->low_tsfn == NULL || m->low_signaled) return;
   m->low_signaled = 1;
   napi_call_threadsafe_function(m->low_tsfn, NULL, napi_tsfn_nonblocking);
 }
 
+/*
+ * Allocates, from the pool, every cluster of [pos, end) whose slot says "allocatable" (lock
+ * held): the slot becomes "writable at the new host cluster" and the pair goes to the log, which
+ * the engine takes before it next looks at these clusters' metadata (see direct-read.ts). 0 when
+ * a slot is neither writable nor allocatable any more, the pool is empty or the log is full.
+ */
 static int qcow2fs_allocate_locked (qcow2fs_fastmap_t *m, uint64_t pos, uint64_t end) {
   uint32_t cb = m->cluster_bits;
   uint64_t cs = 1ull << cb;
@@ -1422,9 +1423,10 @@ NAPI_METHOD(qcow2fs_fastmap_take_allocations) {
   pthread_mutex_lock(&m->lock);
   uint32_t n = m->alloc_len;
   if ((size_t) n * 2 > length) n = (uint32_t) (length / 2);
-  for (uint32_t i = 0; i < n * 2; i++) out[i] = (double) m->alloc_log[i];
-  memmove(m->alloc_log, m->alloc_log + n * 2, (size_t) (m->alloc_len - n) * 2 * sizeof(uint64_t));
+  // From the end (the order does not matter: no cluster is in the log twice), so nothing moves.
   m->alloc_len -= n;
+  const uint64_t *from = m->alloc_log + (size_t) m->alloc_len * 2;
+  for (uint32_t i = 0; i < n * 2; i++) out[i] = (double) from[i];
   if (n > 0) m->low_signaled = 0;
   pthread_mutex_unlock(&m->lock);
   return qcow2fs_int32(env, (int32_t) n);
