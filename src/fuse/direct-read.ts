@@ -24,8 +24,8 @@
  * from a pool the engine reserved (BlockDevice.reserveFresh: zeros, refcount taken), makes the
  * slot writable there, logs the pair (guest cluster, host) and writes. The engine takes the log
  * (MappingObserver.takeAllocations) into its L2 tables before it next looks at those clusters'
- * metadata (its writes, discards and flushes), here before a read goes to it, and every
- * SETTLE_INTERVAL_MS; until it has, the map refuses publishes (they would be stale). Unused pool
+ * metadata (its writes, discards, flushes, reads and status: pendingAllocations), when the log
+ * is half full, and every SETTLE_INTERVAL_MS; until it has, the map refuses publishes (they would be stale). Unused pool
  * clusters go back at close.
  * QCOW2FS_NO_DIRECT_READ=1 turns it off (A/B measurements, debugging); QCOW2FS_NO_NATIVE_ALLOC=1
  * only the allocating writes.
