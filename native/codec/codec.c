@@ -22,6 +22,7 @@
  * they are not collected meanwhile.
  */
 #include <errno.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -46,24 +47,57 @@ enum {
 };
 
 /*
- * One decoder context per pool thread, made on first use and kept (pool threads live as long
- * as the process): no allocation per cluster. __thread keeps jobs on different threads apart.
+ * One decoder context per thread, made on first use and kept while the thread lives: no
+ * allocation per cluster. Besides libuv's pool threads, the FUSE binding's worker threads call
+ * in (qcow2fs_codec_api below); those may exit, so the state is freed with its thread.
  */
-static __thread ZSTD_DCtx *zstd_ctx;
-static __thread struct libdeflate_decompressor *deflate_ctx;
-/* Compressed bytes read by decompressFile (grown to the largest cluster seen). */
-static __thread uint8_t *read_buf;
-static __thread size_t read_cap;
+typedef struct {
+  ZSTD_DCtx *zstd;
+  struct libdeflate_decompressor *deflate;
+  uint8_t *read_buf; /* compressed bytes read by decode_file (grown to the largest cluster seen) */
+  size_t read_cap;
+} ThreadState;
+
+static pthread_key_t state_key;
+static pthread_once_t state_once = PTHREAD_ONCE_INIT;
+
+static void free_state(void *p) {
+  ThreadState *t = p;
+  ZSTD_freeDCtx(t->zstd);
+  if (t->deflate) libdeflate_free_decompressor(t->deflate);
+  free(t->read_buf);
+  free(t);
+}
+
+static void make_key(void) {
+  (void)pthread_key_create(&state_key, free_state);
+}
+
+static ThreadState *thread_state(void) {
+  pthread_once(&state_once, make_key);
+  ThreadState *t = pthread_getspecific(state_key);
+  if (!t) {
+    t = calloc(1, sizeof *t);
+    if (t && pthread_setspecific(state_key, t) != 0) {
+      free(t);
+      t = NULL;
+    }
+  }
+  return t;
+}
 
 /* Reads length bytes at position into this thread's buffer; zeros past the end of the file. */
 static int read_compressed(int fd, int64_t position, size_t length, const uint8_t **out) {
   if (length == 0) return CODEC_CORRUPT;
-  if (length > read_cap) {
-    uint8_t *p = realloc(read_buf, length);
+  ThreadState *t = thread_state();
+  if (!t) return CODEC_NOMEM;
+  if (length > t->read_cap) {
+    uint8_t *p = realloc(t->read_buf, length);
     if (!p) return CODEC_NOMEM;
-    read_buf = p;
-    read_cap = length;
+    t->read_buf = p;
+    t->read_cap = length;
   }
+  uint8_t *read_buf = t->read_buf;
   size_t got = 0;
   while (got < length) {
     ssize_t n = pread(fd, read_buf + got, length - got, (off_t)(position + (int64_t)got));
@@ -83,7 +117,10 @@ static int read_compressed(int fd, int64_t position, size_t length, const uint8_
  * that needs input past src's end is corrupt (libdeflate rejects it, as zlib does).
  */
 static int64_t deflate_cluster(const uint8_t *src, size_t src_len, uint8_t *dst, size_t dst_len) {
-  if (!deflate_ctx) deflate_ctx = libdeflate_alloc_decompressor();
+  ThreadState *t = thread_state();
+  if (!t) return CODEC_NOMEM;
+  if (!t->deflate) t->deflate = libdeflate_alloc_decompressor();
+  struct libdeflate_decompressor *deflate_ctx = t->deflate;
   if (!deflate_ctx) return CODEC_NOMEM;
   size_t in_used = 0, out = 0;
   enum libdeflate_result r = libdeflate_deflate_decompress_ex(deflate_ctx, src, src_len, dst, dst_len, &in_used, &out);
@@ -94,7 +131,10 @@ static int64_t deflate_cluster(const uint8_t *src, size_t src_len, uint8_t *dst,
 
 /* zstd: frames one after another until dst is full or a frame decodes to nothing. */
 static int64_t zstd_cluster(const uint8_t *src, size_t src_len, uint8_t *dst, size_t dst_len) {
-  if (!zstd_ctx) zstd_ctx = ZSTD_createDCtx();
+  ThreadState *t = thread_state();
+  if (!t) return CODEC_NOMEM;
+  if (!t->zstd) t->zstd = ZSTD_createDCtx();
+  ZSTD_DCtx *zstd_ctx = t->zstd;
   if (!zstd_ctx) return CODEC_NOMEM;
   size_t in = 0, out = 0;
   while (out < dst_len) {
@@ -128,18 +168,24 @@ typedef struct {
   int64_t result;
 } Job;
 
+static int64_t decode(int32_t type, const uint8_t *src, size_t src_len, uint8_t *dst, size_t dst_len) {
+  return type == TYPE_ZSTD ? zstd_cluster(src, src_len, dst, dst_len) : deflate_cluster(src, src_len, dst, dst_len);
+}
+
+/* Reads length compressed bytes at position of fd and decodes them into dst (any thread). */
+static int64_t decode_file(int32_t type, int32_t fd, int64_t position, size_t length, uint8_t *dst, size_t dst_len) {
+  if (type != TYPE_ZLIB && type != TYPE_ZSTD) return CODEC_CORRUPT;
+  const uint8_t *src;
+  int r = read_compressed(fd, position, length, &src);
+  if (r < 0) return r;
+  return decode(type, src, length, dst, dst_len);
+}
+
 static void execute(napi_env env, void *data) {
   (void)env;
   Job *job = data;
-  if (job->fd >= 0) {
-    int r = read_compressed(job->fd, job->position, job->src_len, &job->src);
-    if (r < 0) {
-      job->result = r;
-      return;
-    }
-  }
-  job->result = job->type == TYPE_ZSTD ? zstd_cluster(job->src, job->src_len, job->dst, job->dst_len)
-                                       : deflate_cluster(job->src, job->src_len, job->dst, job->dst_len);
+  job->result = job->fd >= 0 ? decode_file(job->type, job->fd, job->position, job->src_len, job->dst, job->dst_len)
+                             : decode(job->type, job->src, job->src_len, job->dst, job->dst_len);
 }
 
 static void complete(napi_env env, napi_status status, void *data) {
@@ -241,8 +287,29 @@ static napi_value decompress_file(napi_env env, napi_callback_info info) {
   return queue(env, job, NULL, argv[4]);
 }
 
+/*
+ * For the FUSE binding (vendor/fuse-native), which decodes compressed clusters on its own worker
+ * threads: `api()` returns an external holding this table, passed on to the binding by JS, so
+ * the binding needs no link to libzstd or libdeflate. Keep in step with qcow2fs_codec_api_t in
+ * vendor/fuse-native/fuse-native.c.
+ */
+typedef struct {
+  uint32_t version;
+  int64_t (*decode_file)(int32_t type, int32_t fd, int64_t position, size_t length, uint8_t *dst, size_t dst_len);
+} CodecApi;
+
+static const CodecApi codec_api = {1, decode_file};
+
+static napi_value api(napi_env env, napi_callback_info info) {
+  (void)info;
+  napi_value v;
+  if (napi_create_external(env, (void *)&codec_api, NULL, NULL, &v) != napi_ok) return NULL;
+  return v;
+}
+
 static napi_value init(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
+    {"api", NULL, api, NULL, NULL, NULL, napi_default, NULL},
     {"decompress", NULL, decompress, NULL, NULL, NULL, napi_default, NULL},
     {"decompressFile", NULL, decompress_file, NULL, NULL, NULL, napi_default, NULL},
   };
