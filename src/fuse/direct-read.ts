@@ -33,6 +33,7 @@
 import type FuseTypes from 'fuse-native';
 import type { BlockDevice, MappingObserver } from '../image/blockdev';
 import { log } from '../log';
+import { nativeDecoderApi } from '../qcow2/codec';
 
 /** Slots per map at most (24 bytes each, touched lazily): 2^18 covers 16 GiB of 64 KiB clusters. */
 const MAX_SLOT_BITS = 18;
@@ -48,6 +49,29 @@ const SLOT_WRITABLE = 0x40000000;
 const ALLOC_LOG_HALF = 4096;
 /** A slot's fd for zeros that a write may allocate. */
 const SLOT_ALLOCATABLE = -2;
+/**
+ * A compressed cluster's slot: fd | SLOT_COMPRESSED (| SLOT_ZSTD), host = offset + (512-byte
+ * sectors its bytes touch) * 2^CHOST_BITS, exact in a double. Published only where that fits.
+ */
+const SLOT_COMPRESSED = 0x20000000;
+const SLOT_ZSTD = 0x10000000;
+const CHOST_BITS = 39;
+const MAX_CFD = 0x0fffffff;
+const MAX_CSECTORS = 2 ** (53 - CHOST_BITS) - 1;
+
+/** Whether the binding decodes compressed clusters itself (decided once per process). */
+let nativeDecode: boolean | undefined;
+
+function nativeDecodeOn(native: FuseTypes.DirectReadMapsNative): boolean {
+  if (nativeDecode === undefined) {
+    nativeDecode = false;
+    if (process.env.QCOW2FS_NO_NATIVE_DECODE === undefined && typeof native.setCodec === 'function') {
+      const api = nativeDecoderApi();
+      nativeDecode = api !== null && native.setCodec(api);
+    }
+  }
+  return nativeDecode;
+}
 /** Fresh clusters reserved at a time (the binding holds two such ranges at most). */
 const POOL_BYTES = 32 * 1024 * 1024;
 const POOL_MIN_CLUSTERS = 16;
@@ -80,6 +104,8 @@ export class DirectReadMap implements MappingObserver {
   /** The engine has served a write (the pool is reserved from then on). */
   private written = false;
   private settleTimer: NodeJS.Timeout | null = null;
+  /** Compressed clusters get slots (the binding decodes them). */
+  private readonly decoding: boolean;
 
   private constructor(
     private readonly native: FuseTypes.DirectReadMapsNative,
@@ -90,6 +116,7 @@ export class DirectReadMap implements MappingObserver {
   ) {
     this.clusterSize = 2 ** clusterBits;
     this.windowBytes = Math.min(this.clusterSize * WINDOW_CLUSTERS, dev.mapRegionBytes ?? Infinity);
+    this.decoding = nativeDecodeOn(native);
     this.allocating =
       !dev.readOnly && dev.reserveFresh !== undefined && dev.releaseFresh !== undefined && dev.settleAllocations !== undefined && process.env.QCOW2FS_NO_NATIVE_ALLOC === undefined;
     const diskClusters = Math.ceil(dev.size / this.clusterSize);
@@ -168,7 +195,27 @@ export class DirectReadMap implements MappingObserver {
         const run = dev.plainRunCached!(pos, end - pos);
         if (!(run.length > 0)) break;
         const runEnd = pos + run.length;
-        if (run.kind !== 'other') {
+        if (run.kind === 'compressed') {
+          // One whole cluster of this map's size (a backing file's other cluster size: not here).
+          if (
+            this.decoding &&
+            run.offsetInCluster === 0 &&
+            run.clusterBytes === cs &&
+            pos % cs === 0 &&
+            (run.length === cs || runEnd >= size) &&
+            run.fd >= 0 &&
+            run.fd <= MAX_CFD &&
+            (run.compression === 0 || run.compression === 1) &&
+            run.hostOffset < 2 ** CHOST_BITS &&
+            run.compressedBytes > 0
+          ) {
+            const sectors = (run.compressedBytes + (run.hostOffset % 512)) / 512;
+            if (Number.isInteger(sectors) && sectors <= MAX_CSECTORS) {
+              const fd = run.fd + SLOT_COMPRESSED + (run.compression === 1 ? SLOT_ZSTD : 0);
+              this.emit(pos / cs, 1, fd, run.hostOffset + sectors * 2 ** CHOST_BITS);
+            }
+          }
+        } else if (run.kind !== 'other') {
           // Clusters that start inside the run and end inside it (or at the device's end).
           const first = Math.ceil(pos / cs);
           const end = runEnd >= size ? Math.ceil(size / cs) : Math.floor(runEnd / cs);
@@ -279,9 +326,10 @@ export class DirectReadMap implements MappingObserver {
 
   /**
    * [reads answered natively, reads handed to the engine, writes done natively, writes handed to
-   * the engine, clusters allocated natively, of them not taken yet, pool bytes left].
+   * the engine, clusters allocated natively, of them not taken yet, pool bytes left, compressed
+   * clusters decoded natively, of them by read-ahead].
    */
-  stats(): [number, number, number, number, number, number, number] {
+  stats(): [number, number, number, number, number, number, number, number, number] {
     return this.native.stats(this.index);
   }
 
@@ -320,7 +368,7 @@ export class DirectReadMap implements MappingObserver {
     this.syncWrites();
     this.closed = true;
     this.dev.observeMappings?.(null);
-    const [hits, misses, writes, writeMisses, allocs] = this.stats();
-    log.debug({ path: this.path, hits, misses, writes, writeMisses, allocs }, 'direct read map closed');
+    const [hits, misses, writes, writeMisses, allocs, , , decoded, decodedAhead] = this.stats();
+    log.debug({ path: this.path, hits, misses, writes, writeMisses, allocs, decoded, decodedAhead }, 'direct read map closed');
   }
 }

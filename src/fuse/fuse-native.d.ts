@@ -86,9 +86,10 @@ declare module 'fuse-native' {
     disable(index: number): void;
     /**
      * [reads answered natively, reads handed to JS, writes done natively, writes handed to JS,
-     * clusters allocated natively, of them not taken yet, pool bytes left].
+     * clusters allocated natively, of them not taken yet, pool bytes left, compressed clusters
+     * decoded natively, of them by read-ahead].
      */
-    stats(index: number): [number, number, number, number, number, number, number];
+    stats(index: number): [number, number, number, number, number, number, number, number, number];
     /** Moves native allocations [guest cluster, host offset, ...] from the log into out; the pair count. */
     takeAllocations(index: number, out: Float64Array): number;
     /** Adds fresh host clusters [host, +bytes) of fd to the pool; false when the pool is full. */
@@ -99,6 +100,12 @@ declare module 'fuse-native' {
     pending(index: number): number;
     /** cb runs (on the JS thread) when the pool runs low or the allocation log is half full. */
     onLow(index: number, cb: () => void): void;
+    /**
+     * Gives the binding the codec addon's decoder (its api() external), for every map: slots may
+     * then say "compressed" (fd | 0x20000000, | 0x10000000 for zstd; host = offset | bytes << 40).
+     * False where the binding or the table does not fit.
+     */
+    setCodec(api: unknown): boolean;
   }
   }
   class Fuse {

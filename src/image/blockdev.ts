@@ -33,7 +33,12 @@ export type PlainRun =
    * the engine, which takes them into its metadata later (MappingObserver.takeAllocations).
    */
   | { kind: 'zero'; length: number; allocatable?: boolean }
-  /** Anything else (compressed, metadata not cached, ...): only the engine can read it. */
+  /**
+   * One compressed cluster of `clusterBytes` (length: from the offset asked to its end):
+   * `compressedBytes` at hostOffset of fd, `compression` the header's compression_type.
+   */
+  | { kind: 'compressed'; length: number; fd: number; hostOffset: number; compressedBytes: number; compression: number; clusterBytes: number; offsetInCluster: number }
+  /** Anything else (metadata not cached, ...): only the engine can read it. */
   | { kind: 'other'; length: number };
 
 /** Told about mapping changes, so that caches of plainRunCached() answers stay true. */

@@ -22,6 +22,8 @@ interface CodecAddon {
   decompress(type: number, src: Uint8Array, dst: Uint8Array): Promise<number>;
   /** The same, reading the compressed bytes from fd first (on the pool thread; zeros past EOF). */
   decompressFile(type: number, fd: number, position: number, length: number, dst: Uint8Array): Promise<number>;
+  /** The decoder as a C function table (an external), for the FUSE binding's own threads. */
+  api?(): unknown;
 }
 
 /** native/codec/codec.c's result codes. */
@@ -49,6 +51,14 @@ export function codecAddon(): CodecAddon | null {
     }
   }
   return codecAddonCache;
+}
+
+/**
+ * The native decoder for the FUSE binding (which decodes compressed clusters on its worker
+ * threads, see src/fuse/direct-read.ts), or null where the addon is not there.
+ */
+export function nativeDecoderApi(): unknown {
+  return codecAddon()?.api?.() ?? null;
 }
 
 /** @internal tests: force the fallback decoders (false) or the addon again (true). */

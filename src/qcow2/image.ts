@@ -309,7 +309,17 @@ export class Qcow2Image implements BlockDevice {
       case 'zero':
         return this.zeroAnswer(offset, m.length);
       case 'compressed':
-        return { kind: 'other', length: m.length };
+        if (!(this.file instanceof FdFile)) return { kind: 'other', length: m.length };
+        return {
+          kind: 'compressed',
+          length: m.length,
+          fd: this.file.fd,
+          hostOffset: m.hostOffset,
+          compressedBytes: m.compressedBytes,
+          compression: this.header.compressionType,
+          clusterBytes: this.geometry.clusterSize,
+          offsetInCluster: m.offsetInCluster,
+        };
       case 'unallocated': {
         const b = this.backing;
         // Standard entries found unallocated have no host and no flags: nothing to check again.

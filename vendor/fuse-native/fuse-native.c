@@ -149,6 +149,45 @@ typedef struct {
 // Allocations the log holds before allocating writes go to JS (which takes the log).
 #define QCOW2FS_ALLOC_LOG_PAIRS 8192
 
+/*
+ * Compressed clusters (see qcow2fs_zread): a slot's fd word is fd | QCOW2FS_SLOT_COMPRESSED
+ * (| QCOW2FS_SLOT_ZSTD for zstd, else zlib), its host word the compressed bytes' offset | the
+ * count of 512-byte sectors they touch << QCOW2FS_CHOST_BITS (what fits a double exactly, as JS
+ * passes it). Never writable.
+ */
+#define QCOW2FS_SLOT_COMPRESSED 0x20000000
+#define QCOW2FS_SLOT_ZSTD 0x10000000
+#define QCOW2FS_SLOT_CFD_MASK 0x0fffffff
+#define QCOW2FS_CHOST_BITS 39
+
+/* The decoder, from the codec addon (native/codec/codec.c: CodecApi), set by JS. */
+typedef struct {
+  uint32_t version;
+  int64_t (*decode_file)(int32_t type, int32_t fd, int64_t position, size_t length, uint8_t *dst, size_t dst_len);
+} qcow2fs_codec_api_t;
+
+static const qcow2fs_codec_api_t *qcow2fs_codec = NULL;
+
+/* A decoded cluster of the map's cache; key (fdw, hw) = the slot's words. */
+enum { QCOW2FS_Z_FREE = 0, QCOW2FS_Z_QUEUED, QCOW2FS_Z_LOADING, QCOW2FS_Z_READY };
+
+typedef struct {
+  int32_t fdw;
+  uint32_t state;
+  uint32_t pins;   // readers copying out of buf, or waiting for it
+  uint64_t hw;
+  uint64_t gen;    // the cache's generation when claimed (quiesce starts a new one)
+  uint64_t used;   // LRU tick
+  uint8_t *buf;
+} qcow2fs_zent_t;
+
+// Decoded clusters kept per map: about this many bytes, in sets of up to 16 entries.
+#define QCOW2FS_Z_CACHE_BYTES (8u << 20)
+#define QCOW2FS_Z_MAX_ENTRIES 1024u
+#define QCOW2FS_Z_WAYS 16u
+// Read-ahead: sequential reads over compressed clusters decode this far ahead (at least 2 clusters).
+#define QCOW2FS_Z_WINDOW (1u << 20)
+
 typedef struct {
   uint64_t next;  // host offset of the next fresh cluster
   uint64_t end;
@@ -182,6 +221,18 @@ typedef struct {
   uint64_t misses;     // reads handed to JS (atomic, relaxed)
   uint64_t writes;     // writes done here (atomic; JS makes them durable on fsync)
   uint64_t write_misses; // writes handed to JS (atomic, relaxed)
+  // Decoded compressed clusters (allocated on first use), under zlock; zcond: a load ended.
+  pthread_mutex_t zlock;
+  pthread_cond_t zcond;
+  qcow2fs_zent_t *zents;
+  uint32_t zsets;
+  uint32_t zways;
+  uint64_t ztick;
+  uint64_t zgen;
+  uint64_t z_last_end; // read-ahead: end of the last read over compressed clusters (0: none)
+  uint64_t z_ra_next;  // the next guest offset read-ahead may queue
+  uint64_t z_decoded;  // clusters decoded here (atomic, relaxed)
+  uint64_t z_ahead;    // of them by read-ahead (atomic, relaxed)
 } qcow2fs_fastmap_t;
 
 typedef struct {
@@ -1119,6 +1170,283 @@ static int qcow2fs_run_read (int32_t fd, char *dst, size_t len, uint64_t host) {
   return 1;
 }
 
+/*
+ * Compressed clusters decoded on the worker threads. A slot may say "compressed bytes at (fd,
+ * offset, length)"; the worker reads and decodes them with the codec addon's decoder into the
+ * map's cache of decoded clusters, then copies the requested bytes out. Each cluster is decoded
+ * once however many requests want it (a request finding it being decoded waits for it; one
+ * finding it only queued decodes it itself). Sequential reads queue the clusters of the next
+ * QCOW2FS_Z_WINDOW bytes for helper threads (one per core), so the cores decode in parallel
+ * while the kernel sends its read-ahead requests one or two at a time.
+ *
+ * Helpers count as readers of the map (quiesce and disable wait for them). The host bytes of a
+ * compressed cluster change only after the engine frees them, which it does only after quiesce:
+ * quiesce empties the cache and starts a new generation, and queued jobs of an older one are
+ * dropped. Any failure (no decoder, a corrupt cluster, the cache full of pinned entries) sends
+ * the request to JS, which reports it or reads it itself.
+ */
+typedef struct {
+  qcow2fs_fastmap_t *m;
+  uint32_t idx;
+  int32_t fdw;
+  uint64_t hw;
+  uint64_t gen;
+} qcow2fs_zjob_t;
+
+#define QCOW2FS_ZQ_CAP 1024u
+
+static pthread_mutex_t qcow2fs_zq_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t qcow2fs_zq_cond = PTHREAD_COND_INITIALIZER;
+static qcow2fs_zjob_t qcow2fs_zq[QCOW2FS_ZQ_CAP];
+static uint32_t qcow2fs_zq_head, qcow2fs_zq_len;
+static pthread_once_t qcow2fs_zq_once = PTHREAD_ONCE_INIT;
+
+static int qcow2fs_z_decode (qcow2fs_fastmap_t *m, int32_t fdw, uint64_t hw, uint8_t *dst) {
+  const qcow2fs_codec_api_t *api = __atomic_load_n(&qcow2fs_codec, __ATOMIC_ACQUIRE);
+  if (api == NULL) return 0;
+  uint64_t cs = 1ull << m->cluster_bits;
+  uint64_t off = hw & ((1ull << QCOW2FS_CHOST_BITS) - 1);
+  uint64_t bytes = (hw >> QCOW2FS_CHOST_BITS) * 512 - (off & 511);
+  int64_t r = api->decode_file((fdw & QCOW2FS_SLOT_ZSTD) ? 1 : 0, fdw & QCOW2FS_SLOT_CFD_MASK, (int64_t) off, (size_t) bytes, dst, cs);
+  if (r != (int64_t) cs) return 0;
+  __atomic_add_fetch(&m->z_decoded, 1, __ATOMIC_RELAXED);
+  return 1;
+}
+
+static uint32_t qcow2fs_z_set (qcow2fs_fastmap_t *m, uint64_t hw) {
+  uint64_t h = (hw & ((1ull << QCOW2FS_CHOST_BITS) - 1)) >> 9;
+  h *= 0x9e3779b97f4a7c15ull;
+  return (uint32_t) (h >> 32) % m->zsets;
+}
+
+// Under zlock: the entry holding (fdw, hw), or NULL.
+static qcow2fs_zent_t *qcow2fs_z_find (qcow2fs_fastmap_t *m, int32_t fdw, uint64_t hw) {
+  qcow2fs_zent_t *set = m->zents + (size_t) qcow2fs_z_set(m, hw) * m->zways;
+  for (uint32_t i = 0; i < m->zways; i++) {
+    if (set[i].state != QCOW2FS_Z_FREE && set[i].hw == hw && set[i].fdw == fdw) return &set[i];
+  }
+  return NULL;
+}
+
+// Under zlock: an entry of hw's set for a new cluster (free, or the least recently used ready
+// one nobody holds), with its buffer; NULL if there is none.
+static qcow2fs_zent_t *qcow2fs_z_claim (qcow2fs_fastmap_t *m, int32_t fdw, uint64_t hw, uint32_t state) {
+  if (m->zents == NULL) {
+    uint64_t cs = 1ull << m->cluster_bits;
+    uint64_t n = QCOW2FS_Z_CACHE_BYTES / cs;
+    uint64_t window = QCOW2FS_Z_WINDOW > 2 * cs ? QCOW2FS_Z_WINDOW : 2 * cs;
+    if (n < 2 * (window / cs) + 4) n = 2 * (window / cs) + 4;
+    if (n > QCOW2FS_Z_MAX_ENTRIES) n = QCOW2FS_Z_MAX_ENTRIES;
+    m->zways = n < QCOW2FS_Z_WAYS ? (uint32_t) n : QCOW2FS_Z_WAYS;
+    m->zsets = (uint32_t) (n / m->zways);
+    m->zents = calloc((size_t) m->zsets * m->zways, sizeof(qcow2fs_zent_t));
+    if (m->zents == NULL) return NULL;
+  }
+  qcow2fs_zent_t *set = m->zents + (size_t) qcow2fs_z_set(m, hw) * m->zways;
+  qcow2fs_zent_t *v = NULL;
+  for (uint32_t i = 0; i < m->zways; i++) {
+    qcow2fs_zent_t *e = &set[i];
+    if (e->pins != 0) continue;
+    if (e->state == QCOW2FS_Z_FREE) {
+      v = e;
+      break;
+    }
+    if (e->state == QCOW2FS_Z_READY && (v == NULL || e->used < v->used)) v = e;
+  }
+  if (v == NULL) return NULL;
+  if (v->buf == NULL) {
+    v->buf = malloc((size_t) 1 << m->cluster_bits);
+    if (v->buf == NULL) return NULL;
+  }
+  v->fdw = fdw;
+  v->hw = hw;
+  v->state = state;
+  v->gen = m->zgen;
+  v->used = ++m->ztick;
+  return v;
+}
+
+// Under zlock, held by the caller (pinned) in state LOADING: decodes it (unlocking meanwhile).
+// Returns with zlock held, the entry READY (1) or FREE (0), and the waiters woken.
+static int qcow2fs_z_load_locked (qcow2fs_fastmap_t *m, qcow2fs_zent_t *e) {
+  int32_t fdw = e->fdw;
+  uint64_t hw = e->hw;
+  pthread_mutex_unlock(&m->zlock);
+  int ok = qcow2fs_z_decode(m, fdw, hw, e->buf);
+  pthread_mutex_lock(&m->zlock);
+  if (ok) {
+    e->state = QCOW2FS_Z_READY;
+    e->used = ++m->ztick;
+  } else {
+    e->state = QCOW2FS_Z_FREE;
+    e->hw = 0;
+    e->fdw = 0;
+  }
+  pthread_cond_broadcast(&m->zcond);
+  return ok;
+}
+
+static void *qcow2fs_z_helper (void *arg) {
+  (void) arg;
+  for (;;) {
+    pthread_mutex_lock(&qcow2fs_zq_lock);
+    while (qcow2fs_zq_len == 0) pthread_cond_wait(&qcow2fs_zq_cond, &qcow2fs_zq_lock);
+    qcow2fs_zjob_t job = qcow2fs_zq[qcow2fs_zq_head];
+    qcow2fs_zq_head = (qcow2fs_zq_head + 1) % QCOW2FS_ZQ_CAP;
+    qcow2fs_zq_len--;
+    pthread_mutex_unlock(&qcow2fs_zq_lock);
+    qcow2fs_fastmap_t *m = job.m;
+    // A reader of the map, like a fast read (see quiesce and disable).
+    __atomic_add_fetch(&m->readers, 1, __ATOMIC_SEQ_CST);
+    int usable = !__atomic_load_n(&m->blocked, __ATOMIC_SEQ_CST) && !__atomic_load_n(&m->disabled, __ATOMIC_SEQ_CST);
+    pthread_mutex_lock(&m->zlock);
+    qcow2fs_zent_t *e = &m->zents[job.idx];
+    if (e->state == QCOW2FS_Z_QUEUED && e->fdw == job.fdw && e->hw == job.hw && e->gen == job.gen) {
+      if (usable) {
+        e->state = QCOW2FS_Z_LOADING;
+        e->pins++;
+        if (qcow2fs_z_load_locked(m, e)) __atomic_add_fetch(&m->z_ahead, 1, __ATOMIC_RELAXED);
+        e->pins--;
+      } else {
+        e->state = QCOW2FS_Z_FREE;
+      }
+    }
+    pthread_mutex_unlock(&m->zlock);
+    __atomic_sub_fetch(&m->readers, 1, __ATOMIC_SEQ_CST);
+  }
+  return NULL;
+}
+
+static void qcow2fs_z_start_helpers (void) {
+  long cores = sysconf(_SC_NPROCESSORS_ONLN);
+  if (cores < 1) cores = 1;
+  if (cores > 4) cores = 4;
+  for (long i = 0; i < cores; i++) {
+    pthread_t t;
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    pthread_create(&t, &attr, qcow2fs_z_helper, NULL);
+    pthread_attr_destroy(&attr);
+  }
+}
+
+// A read of [pos, end) over compressed clusters: if it continues the previous ones, queue the
+// compressed clusters of the window after it that are not decoded yet.
+static void qcow2fs_z_readahead (qcow2fs_fastmap_t *m, uint64_t pos, uint64_t end) {
+  uint32_t cb = m->cluster_bits;
+  uint64_t cs = 1ull << cb;
+  uint64_t window = QCOW2FS_Z_WINDOW > 2 * cs ? QCOW2FS_Z_WINDOW : 2 * cs;
+  uint64_t size = __atomic_load_n(&m->size, __ATOMIC_ACQUIRE);
+  uint32_t queued = 0;
+  pthread_mutex_lock(&m->zlock);
+  uint64_t last = m->z_last_end;
+  int sequential = last != 0 && pos + window >= last && pos <= last + cs;
+  if (end > last || !sequential) m->z_last_end = end;
+  if (!sequential) {
+    m->z_ra_next = end;
+    pthread_mutex_unlock(&m->zlock);
+    return;
+  }
+  if (m->z_ra_next < m->z_last_end) m->z_ra_next = m->z_last_end;
+  uint64_t limit = m->z_last_end + window;
+  if (limit > size) limit = size;
+  while (m->z_ra_next < limit) {
+    uint64_t c = m->z_ra_next >> cb;
+    int32_t fd;
+    uint64_t host;
+    if (!qcow2fs_slot_get(m, c, &fd, &host)) break; // not published yet: later
+    m->z_ra_next = (c + 1) << cb;
+    if (fd < 0 || !(fd & QCOW2FS_SLOT_COMPRESSED) || qcow2fs_z_find(m, fd, host) != NULL) continue;
+    qcow2fs_zent_t *e = qcow2fs_z_claim(m, fd, host, QCOW2FS_Z_QUEUED);
+    if (e == NULL) {
+      m->z_ra_next = c << cb;
+      break;
+    }
+    pthread_mutex_lock(&qcow2fs_zq_lock);
+    if (qcow2fs_zq_len == QCOW2FS_ZQ_CAP) {
+      pthread_mutex_unlock(&qcow2fs_zq_lock);
+      e->state = QCOW2FS_Z_FREE;
+      m->z_ra_next = c << cb;
+      break;
+    }
+    qcow2fs_zjob_t *j = &qcow2fs_zq[(qcow2fs_zq_head + qcow2fs_zq_len) % QCOW2FS_ZQ_CAP];
+    j->m = m;
+    j->idx = (uint32_t) (e - m->zents);
+    j->fdw = fd;
+    j->hw = host;
+    j->gen = e->gen;
+    qcow2fs_zq_len++;
+    pthread_mutex_unlock(&qcow2fs_zq_lock);
+    queued++;
+  }
+  pthread_mutex_unlock(&m->zlock);
+  if (queued > 0) {
+    pthread_once(&qcow2fs_zq_once, qcow2fs_z_start_helpers);
+    pthread_mutex_lock(&qcow2fs_zq_lock);
+    if (queued > 1) pthread_cond_broadcast(&qcow2fs_zq_cond);
+    else pthread_cond_signal(&qcow2fs_zq_cond);
+    pthread_mutex_unlock(&qcow2fs_zq_lock);
+  }
+}
+
+// Copies n bytes from offset `in` of the decoded compressed cluster (fdw, hw) into dst; 0 when
+// the request must go to JS.
+static int qcow2fs_zread (qcow2fs_fastmap_t *m, char *dst, uint64_t in, uint64_t n, int32_t fdw, uint64_t hw) {
+  if (__atomic_load_n(&qcow2fs_codec, __ATOMIC_ACQUIRE) == NULL) return 0;
+  pthread_mutex_lock(&m->zlock);
+  qcow2fs_zent_t *e = m->zents != NULL ? qcow2fs_z_find(m, fdw, hw) : NULL;
+  int ok = 0;
+  if (e == NULL) {
+    e = qcow2fs_z_claim(m, fdw, hw, QCOW2FS_Z_LOADING);
+    if (e == NULL) goto out;
+    e->pins++;
+    ok = qcow2fs_z_load_locked(m, e);
+  } else {
+    e->pins++;
+    if (e->state == QCOW2FS_Z_QUEUED) {
+      // Not started by a helper yet: decode it here rather than wait behind the queue.
+      e->state = QCOW2FS_Z_LOADING;
+      ok = qcow2fs_z_load_locked(m, e);
+    } else {
+      while (e->state == QCOW2FS_Z_LOADING) pthread_cond_wait(&m->zcond, &m->zlock);
+      ok = e->state == QCOW2FS_Z_READY && e->fdw == fdw && e->hw == hw;
+    }
+  }
+  if (ok) {
+    e->used = ++m->ztick;
+    pthread_mutex_unlock(&m->zlock);
+    memcpy(dst, e->buf + in, n);
+    pthread_mutex_lock(&m->zlock);
+  }
+  e->pins--;
+out:
+  pthread_mutex_unlock(&m->zlock);
+  return ok;
+}
+
+// Under blocked with no reader left (quiesce, disable): forget every decoded cluster; with
+// release, give their memory back too.
+static void qcow2fs_z_clear (qcow2fs_fastmap_t *m, int release) {
+  pthread_mutex_lock(&m->zlock);
+  m->zgen++;
+  m->z_last_end = 0;
+  m->z_ra_next = 0;
+  if (m->zents != NULL) {
+    for (size_t i = 0; i < (size_t) m->zsets * m->zways; i++) {
+      qcow2fs_zent_t *e = &m->zents[i];
+      e->state = QCOW2FS_Z_FREE;
+      e->fdw = 0;
+      e->hw = 0;
+      if (release) {
+        free(e->buf);
+        e->buf = NULL;
+      }
+    }
+  }
+  pthread_mutex_unlock(&m->zlock);
+}
+
 static int qcow2fs_fast_read (qcow2fs_fastmap_t *m, char *buf, size_t len, off_t offset) {
   if (len == 0 || offset < 0 || len > INT32_MAX) return -1;
   __atomic_add_fetch(&m->readers, 1, __ATOMIC_SEQ_CST);
@@ -1134,6 +1462,7 @@ static int qcow2fs_fast_read (qcow2fs_fastmap_t *m, char *buf, size_t len, off_t
   uint64_t run_host = 0;
   size_t run_len = 0;
   char *run_dst = buf;
+  int ahead = 0;
   while (pos < end) {
     uint64_t in = pos & (cs - 1);
     uint64_t n = cs - in;
@@ -1141,6 +1470,19 @@ static int qcow2fs_fast_read (qcow2fs_fastmap_t *m, char *buf, size_t len, off_t
     int32_t fd;
     uint64_t host;
     if (!qcow2fs_slot_get(m, pos >> cb, &fd, &host)) goto out;
+    if (fd >= 0 && (fd & QCOW2FS_SLOT_COMPRESSED)) {
+      // The run so far first, then this cluster's part from its decoded copy.
+      if (!qcow2fs_run_read(run_fd, run_dst, run_len, run_host)) goto out;
+      run_fd = -2;
+      run_len = 0;
+      if (!ahead) {
+        qcow2fs_z_readahead(m, (uint64_t) offset, end);
+        ahead = 1;
+      }
+      if (!qcow2fs_zread(m, buf + (pos - (uint64_t) offset), in, n, fd, host)) goto out;
+      pos += n;
+      continue;
+    }
     if (fd >= 0) fd &= QCOW2FS_SLOT_FD_MASK;
     else fd = -1;
     if (fd == run_fd && (fd < 0 || host + in == run_host + run_len)) {
@@ -1351,6 +1693,8 @@ NAPI_METHOD(qcow2fs_fastmap_attach) {
     return qcow2fs_int32(env, -1);
   }
   pthread_mutex_init(&m->lock, NULL);
+  pthread_mutex_init(&m->zlock, NULL);
+  pthread_cond_init(&m->zcond, NULL);
   snprintf(m->path, sizeof(m->path), "%s", path);
   m->cluster_bits = cluster_bits;
   m->slot_mask = ((uint64_t) 1 << slot_bits) - 1;
@@ -1519,6 +1863,8 @@ NAPI_METHOD(qcow2fs_fastmap_quiesce) {
   if (m == NULL) return NULL;
   __atomic_store_n(&m->blocked, 1, __ATOMIC_SEQ_CST);
   while (__atomic_load_n(&m->readers, __ATOMIC_SEQ_CST) != 0) sched_yield();
+  // Freed host bytes may be reused: decoded copies of compressed clusters there are stale.
+  qcow2fs_z_clear(m, 0);
   __atomic_store_n(&m->blocked, 0, __ATOMIC_SEQ_CST);
   return NULL;
 }
@@ -1545,11 +1891,13 @@ NAPI_METHOD(qcow2fs_fastmap_disable) {
   if (m == NULL) return NULL;
   __atomic_store_n(&m->disabled, 1, __ATOMIC_SEQ_CST);
   while (__atomic_load_n(&m->readers, __ATOMIC_SEQ_CST) != 0) sched_yield();
+  qcow2fs_z_clear(m, 1);
   return NULL;
 }
 
 // fastmap_stats(thread, index) -> [read hits, read misses, writes done here, write misses,
-//   allocations done here, of them not taken by JS yet, pool bytes left]
+//   allocations done here, of them not taken by JS yet, pool bytes left, compressed clusters
+//   decoded here, of them by read-ahead]
 // fastmap_on_low(thread, index, callback): called when the pool runs low or the log fills
 NAPI_METHOD(qcow2fs_fastmap_on_low) {
   NAPI_ARGV(3)
@@ -1583,7 +1931,7 @@ NAPI_METHOD(qcow2fs_fastmap_stats) {
   NAPI_ARGV_BUFFER_CAST(fuse_thread_t *, ft, 0);
   NAPI_ARGV_UINT32(index, 1);
   qcow2fs_fastmap_t *m = qcow2fs_fastmap_of(ft, index);
-  uint64_t vals[7] = { 0, 0, 0, 0, 0, 0, 0 };
+  uint64_t vals[9] = { 0, 0, 0, 0, 0, 0, 0, 0, 0 };
   if (m != NULL) {
     vals[0] = __atomic_load_n(&m->hits, __ATOMIC_RELAXED);
     vals[1] = __atomic_load_n(&m->misses, __ATOMIC_RELAXED);
@@ -1594,15 +1942,28 @@ NAPI_METHOD(qcow2fs_fastmap_stats) {
     vals[5] = m->alloc_len;
     for (uint32_t i = 0; i < m->n_pool; i++) vals[6] += m->pool[i].end - m->pool[i].next;
     pthread_mutex_unlock(&m->lock);
+    vals[7] = __atomic_load_n(&m->z_decoded, __ATOMIC_RELAXED);
+    vals[8] = __atomic_load_n(&m->z_ahead, __ATOMIC_RELAXED);
   }
   napi_value arr;
-  napi_create_array_with_length(env, 7, &arr);
-  for (uint32_t i = 0; i < 7; i++) {
+  napi_create_array_with_length(env, 9, &arr);
+  for (uint32_t i = 0; i < 9; i++) {
     napi_value v;
     napi_create_double(env, (double) vals[i], &v);
     napi_set_element(env, arr, i, v);
   }
   return arr;
+}
+
+// set_codec(external from the codec addon's api()) -> whether compressed slots can be read here
+NAPI_METHOD(qcow2fs_set_codec) {
+  NAPI_ARGV(1)
+  void *p = NULL;
+  int ok = napi_get_value_external(env, argv[0], &p) == napi_ok && p != NULL && ((const qcow2fs_codec_api_t *) p)->version == 1;
+  if (ok) __atomic_store_n(&qcow2fs_codec, (const qcow2fs_codec_api_t *) p, __ATOMIC_RELEASE);
+  napi_value r;
+  napi_get_boolean(env, ok, &r);
+  return r;
 }
 
 NAPI_METHOD(fuse_native_init_flags) {
@@ -1778,6 +2139,7 @@ NAPI_INIT() {
   NAPI_EXPORT_FUNCTION(qcow2fs_fastmap_take_pool)
   NAPI_EXPORT_FUNCTION(qcow2fs_fastmap_pending)
   NAPI_EXPORT_FUNCTION(qcow2fs_fastmap_on_low)
+  NAPI_EXPORT_FUNCTION(qcow2fs_set_codec)
   NAPI_EXPORT_FUNCTION(fuse_native_unmount)
 
   NAPI_EXPORT_FUNCTION(fuse_native_signal_getattr)

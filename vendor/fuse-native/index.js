@@ -242,7 +242,8 @@ class Fuse extends Nanoresource {
       supply: (index, fd, host, bytes) => binding.qcow2fs_fastmap_supply(t, index, fd, host, bytes),
       takePool: (index) => binding.qcow2fs_fastmap_take_pool(t, index),
       pending: (index) => binding.qcow2fs_fastmap_pending(t, index),
-      onLow: (index, cb) => binding.qcow2fs_fastmap_on_low(t, index, cb)
+      onLow: (index, cb) => binding.qcow2fs_fastmap_on_low(t, index, cb),
+      setCodec: (api) => binding.qcow2fs_set_codec ? binding.qcow2fs_set_codec(api) : false
     }
   }
 
