@@ -1343,8 +1343,8 @@ static void qcow2fs_z_readahead (qcow2fs_fastmap_t *m, uint64_t pos, uint64_t en
   uint64_t last = m->z_last_end;
   int sequential = last != 0 && pos + window >= last && pos <= last + cs;
   if (end > last || !sequential) m->z_last_end = end;
-  if (!sequential) {
-    m->z_ra_next = end;
+  if (!sequential || m->zents == NULL) {
+    if (!sequential) m->z_ra_next = end;
     pthread_mutex_unlock(&m->zlock);
     return;
   }
