@@ -195,6 +195,27 @@ describe('mount errors are one line', () => {
   });
 });
 
+describe('--read-ahead', () => {
+  it("sets the kernel's read-ahead on the mount (1 MiB by default, 0: the kernel's 128 KiB); bad values are one line", async () => {
+    const dir = scratchDir('ra');
+    const img = smallImage(dir);
+    const readAheadKib = (mp: string): number => {
+      const dev = fs.readFileSync('/proc/self/mountinfo', 'utf8').split('\n').map((l) => l.split(' ')).find((f) => f[4] === mp)?.[2];
+      return Number(fs.readFileSync(`/sys/class/bdi/${dev}/read_ahead_kb`, 'utf8'));
+    };
+    for (const [args, kib] of [[[], 1024], [['--read-ahead', '4M'], 4096], [['--read-ahead', '0'], 128]] as const) {
+      await withMount(img, ['--read-only', ...args], (raw, mp) => {
+        expect(readAheadKib(mp), args.join(' ')).toBe(kib);
+        expect(fs.readFileSync(raw).subarray(1000, 1010).equals(Buffer.alloc(10, 0x5a))).toBe(true);
+      });
+    }
+    const mp = scratchDir('mnt');
+    oneLine(qcow2fs(['mount', '--read-ahead', '1K', img, mp]), /--read-ahead 1K: expected 0 .* or 4K to 64M/);
+    oneLine(qcow2fs(['mount', '--read-ahead', 'lots', img, mp]), /--read-ahead "lots"/);
+    expect(isMounted(mp)).toBe(false);
+  });
+});
+
 describe('umount', () => {
   it('returns only after the daemon has exited', () => {
     const dir = scratchDir('umount');

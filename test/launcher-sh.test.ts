@@ -79,6 +79,7 @@ describe('errors and exit statuses are the Node launcher\'s', () => {
       ['mount', '--format', 'qcow2', path.join(dir, 'file'), mp],
       ['mount', '--format', 'vmdk', img, mp],
       ['mount', '-r', '--l2-cache-size', 'lots', img, mp],
+      ['mount', '-r', '--read-ahead', '1K', img, mp],
       ['mount', '--snapshot', 'no such snapshot', img, mp],
       ['mount', '--overlay', path.join(dir, 'o.qcow2'), '-r', img, mp],
       ['mount', '--force-share', img, mp],

@@ -15,7 +15,7 @@ describe('mount-helper argv', () => {
       '/img/a.qcow2',
       '/mnt/a',
       '-o',
-      'ro,snapshot=-odd name,all_snapshots,forensic,allow_backing=/img/base,force_share,format=qcow2,l2_cache_size=4M,allow_other,log_level=debug,log_file=/tmp/q.log',
+      'ro,snapshot=-odd name,all_snapshots,forensic,allow_backing=/img/base,force_share,format=qcow2,l2_cache_size=4M,read_ahead=2M,allow_other,log_level=debug,log_file=/tmp/q.log',
     ]);
     expect(out.slice(0, 3)).toEqual(['mount', '/img/a.qcow2', '/mnt/a']);
     expect(out).toContain('--read-only');
@@ -26,6 +26,7 @@ describe('mount-helper argv', () => {
     expect(out).toContain('--force-share');
     expect(out).toContain('--format=qcow2');
     expect(out).toContain('--l2-cache-size=4M');
+    expect(out).toContain('--read-ahead=2M');
     expect(out).toContain('--allow-other');
     expect(out).toContain('--log-level=debug');
     expect(out).toContain('--log-file=/tmp/q.log');

@@ -123,6 +123,9 @@ export function mountArgsFromHelper(args: readonly string[]): string[] {
       case 'l2_cache_size':
         flags.push(`--l2-cache-size=${needValue()}`);
         break;
+      case 'read_ahead':
+        flags.push(`--read-ahead=${needValue()}`);
+        break;
       case 'allow_other':
         noValue();
         flags.push('--allow-other');

@@ -91,6 +91,7 @@ export async function serve(argv: MountArgs, tell?: (msg: ReadyMessage) => void)
       fsname: plan.image,
       readOnly: plan.readOnly || opened.device.readOnly,
       allowOther: argv['allow-other'],
+      readAheadBytes: plan.readAheadBytes,
     });
   } catch (err) {
     if (opened) await opened.device.close().catch(() => undefined);

@@ -50,6 +50,25 @@ export interface FuseMountOptions {
   readOnly: boolean;
   allowOther?: boolean;
   debug?: boolean;
+  /** The kernel's read-ahead on the mount's files, bytes (0 or absent: the kernel's default). */
+  readAheadBytes?: number;
+}
+
+/**
+ * Sets the kernel's read-ahead for the mount's files: /sys/class/bdi/<its device>/read_ahead_kb.
+ * A FUSE mount starts at the kernel's 128 KiB, and its INIT answer (max_readahead) can only
+ * lower that. Needs root; without it (or sysfs) the kernel's default stays, said at debug level.
+ */
+function setReadAhead(mountpoint: string, bytes: number): void {
+  const dev = findMount(mountpoint)?.device;
+  const file = `/sys/class/bdi/${dev}/read_ahead_kb`;
+  try {
+    if (!dev || !/^\d+:\d+$/.test(dev)) throw new Error('no device number in mountinfo');
+    fs.writeFileSync(file, String(Math.ceil(bytes / 1024)));
+    log.debug({ file, kib: Math.ceil(bytes / 1024) }, 'read-ahead set');
+  } catch (err) {
+    log.debug({ file, err: (err as Error).message }, "read-ahead left at the kernel's default");
+  }
 }
 
 /** Escapes a value for libfuse's comma-separated -o list. */
@@ -152,6 +171,7 @@ export class FuseMount {
       const map = DirectReadMap.attach(fuse, p, dev, observed);
       if (map) state.directReads!.set(p, map);
     }
+    if (opts.readAheadBytes) setReadAhead(mountpoint, opts.readAheadBytes);
     log.info({ mountpoint, source: opts.fsname, patchedBinding: patched, maxRead, directReads: state.directReads!.size }, 'mounted');
     return new FuseMount(mountpoint, fuse, layout, state, channelFds);
   }

@@ -7,6 +7,8 @@ export interface MountEntry {
   mountpoint: string;
   fstype: string;
   source: string;
+  /** major:minor of the mount's device. */
+  device: string;
 }
 
 /** Undoes the octal escapes (\040 for space ...) of mountinfo fields. */
@@ -23,7 +25,7 @@ export function listMounts(): MountEntry[] {
     if (sep < 0) continue;
     const left = line.slice(0, sep).split(' ');
     const right = line.slice(sep + 3).split(' ');
-    out.push({ mountpoint: unescape(left[4] ?? ''), fstype: right[0] ?? '', source: unescape(right[1] ?? '') });
+    out.push({ mountpoint: unescape(left[4] ?? ''), fstype: right[0] ?? '', source: unescape(right[1] ?? ''), device: left[2] ?? '' });
   }
   return out;
 }
