@@ -182,7 +182,7 @@ typedef struct {
 } qcow2fs_zent_t;
 
 // Decoded clusters kept per map: about this many bytes, in sets of up to 16 entries.
-#define QCOW2FS_Z_CACHE_BYTES (8u << 20)
+#define QCOW2FS_Z_CACHE_BYTES (4u << 20)
 #define QCOW2FS_Z_MAX_ENTRIES 1024u
 #define QCOW2FS_Z_WAYS 16u
 // Read-ahead: sequential reads over compressed clusters decode this far ahead (at least 2 clusters).
