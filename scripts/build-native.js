@@ -5,7 +5,7 @@
  *   native/            qcow2fs_lock.node (fcntl OFD locks, ofd_lock.c) and qcow2fs_io.node
  *                      (preadv2 RWF_NOWAIT, SEEK_DATA/SEEK_HOLE, pread_nowait.c)
  *   native/codec/      qcow2fs_codec.node (zstd and zlib decompression on the thread pool,
- *                      codec.c; links libzstd and libdeflate: needs libzstd-dev and libdeflate-dev)
+ *                      codec.c; links libzstd, libdeflate and zlib: needs libzstd-dev, libdeflate-dev and zlib1g-dev)
  *   vendor/fuse-native/ fuse.node (the FUSE binding with qcow2fs's changes, CHANGES.md there)
  * Runs from `npm run build` and from `npm ci` (the root package's own install script runs even
  * where npm skips dependencies' scripts). Skips a project whose addons are newer than its
@@ -29,7 +29,7 @@ const projects = [
     outs: ['qcow2fs_codec.node'],
     sources: ['codec.c', 'binding.gyp'],
     required: false,
-    why: 'compressed clusters will decode through Node zlib and WebAssembly zstd (slower); install libzstd-dev and libdeflate-dev (scripts/setup-system.sh)',
+    why: 'compressed clusters will decode through Node zlib and WebAssembly zstd (slower); install libzstd-dev, libdeflate-dev and zlib1g-dev (scripts/setup-system.sh)',
   },
   {
     dir: path.resolve(__dirname, '..', 'vendor', 'fuse-native'),

@@ -20,6 +20,7 @@ declare -A NEED=(
   [make]=/usr/bin/make
   [libzstd-dev]=/usr/include/zstd.h       # the codec addon (native/codec/): zstd clusters off the JS thread
   [libdeflate-dev]=/usr/include/libdeflate.h   # the codec addon: zlib (raw deflate) clusters
+  [zlib1g-dev]=/usr/include/zlib.h             # the codec addon: zlib's verdict on odd streams
   [procps]=/usr/bin/pgrep                 # tests find daemons with pgrep -f
 )
 

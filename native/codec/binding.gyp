@@ -4,7 +4,7 @@
       "target_name": "qcow2fs_codec",
       "sources": ["codec.c"],
       "cflags": ["-Wall", "-Wextra", "-O2"],
-      "libraries": ["-lzstd", "-ldeflate"]
+      "libraries": ["-lzstd", "-ldeflate", "-lz"]
     }
   ]
 }

@@ -31,6 +31,7 @@
 #include <libdeflate.h>
 #include <zstd.h>
 #include <zstd_errors.h>
+#include <zlib.h>
 
 enum {
   TYPE_ZLIB = 0,
@@ -86,6 +87,9 @@ static ThreadState *thread_state(void) {
   return t;
 }
 
+/* Compressed bytes up to this size keep their buffer in the thread for the next cluster. */
+#define KEEP_READ_BUF (256u << 10)
+
 /* Reads length bytes at position into this thread's buffer; zeros past the end of the file. */
 static int read_compressed(int fd, int64_t position, size_t length, const uint8_t **out) {
   if (length == 0) return CODEC_CORRUPT;
@@ -111,10 +115,43 @@ static int read_compressed(int fd, int64_t position, size_t length, const uint8_
   return 0;
 }
 
+/* After a decode: a big read buffer is not kept (threads may be many: see decode_file). */
+static void trim_read_buf(void) {
+  ThreadState *t = pthread_getspecific(state_key);
+  if (t && t->read_cap > KEEP_READ_BUF) {
+    free(t->read_buf);
+    t->read_buf = NULL;
+    t->read_cap = 0;
+  }
+}
+
+/*
+ * What QEMU accepts (qcow2 "zlib" = raw deflate): whatever fills the cluster. zlib's inflate
+ * into exactly one cluster succeeds once the output is full, whether the stream ends there,
+ * goes on (decodes to more than a cluster: the rest is ignored) or would need input past the
+ * compressed bytes. Only the rare streams that libdeflate does not decode to exactly one cluster
+ * come here.
+ */
+static int64_t inflate_cluster(const uint8_t *src, size_t src_len, uint8_t *dst, size_t dst_len) {
+  z_stream z;
+  memset(&z, 0, sizeof z);
+  if (inflateInit2(&z, -15) != Z_OK) return CODEC_NOMEM;
+  z.next_in = (Bytef *)src;
+  z.avail_in = (uInt)src_len;
+  z.next_out = dst;
+  z.avail_out = (uInt)dst_len;
+  int r = inflate(&z, Z_FINISH);
+  size_t out = dst_len - z.avail_out;
+  inflateEnd(&z);
+  if ((r == Z_STREAM_END || r == Z_BUF_ERROR) && out == dst_len) return (int64_t)out;
+  return r == Z_STREAM_END ? (int64_t)out : CODEC_CORRUPT;
+}
+
 /*
  * zlib (the header's name for raw deflate): one stream, decoded whole with libdeflate (twice
- * as fast as zlib's inflate here). Bytes after the stream's final block are ignored; a stream
- * that needs input past src's end is corrupt (libdeflate rejects it, as zlib does).
+ * as fast as zlib's inflate here). Bytes after the stream's final block are ignored. A stream
+ * that does not end within the cluster (longer, or needing input past src's end) gets zlib's
+ * verdict (inflate_cluster).
  */
 static int64_t deflate_cluster(const uint8_t *src, size_t src_len, uint8_t *dst, size_t dst_len) {
   ThreadState *t = thread_state();
@@ -125,11 +162,14 @@ static int64_t deflate_cluster(const uint8_t *src, size_t src_len, uint8_t *dst,
   size_t in_used = 0, out = 0;
   enum libdeflate_result r = libdeflate_deflate_decompress_ex(deflate_ctx, src, src_len, dst, dst_len, &in_used, &out);
   if (r == LIBDEFLATE_SUCCESS) return (int64_t)out;
-  if (r == LIBDEFLATE_INSUFFICIENT_SPACE) return CODEC_OVERFLOW;
-  return CODEC_CORRUPT;
+  return inflate_cluster(src, src_len, dst, dst_len);
 }
 
-/* zstd: frames one after another until dst is full or a frame decodes to nothing. */
+/*
+ * zstd: frames one after another until dst is full (as QEMU's streaming decoder reads them:
+ * skippable and empty frames pass; a frame that does not fit, or bytes that are not a complete
+ * frame before dst is full, are corrupt).
+ */
 static int64_t zstd_cluster(const uint8_t *src, size_t src_len, uint8_t *dst, size_t dst_len) {
   ThreadState *t = thread_state();
   if (!t) return CODEC_NOMEM;
@@ -146,7 +186,6 @@ static int64_t zstd_cluster(const uint8_t *src, size_t src_len, uint8_t *dst, si
     if (ZSTD_isError(r)) {
       return ZSTD_getErrorCode(r) == ZSTD_error_dstSize_tooSmall ? CODEC_OVERFLOW : CODEC_CORRUPT;
     }
-    if (r == 0) break;
     out += r;
     in += frame;
   }
@@ -178,7 +217,9 @@ static int64_t decode_file(int32_t type, int32_t fd, int64_t position, size_t le
   const uint8_t *src;
   int r = read_compressed(fd, position, length, &src);
   if (r < 0) return r;
-  return decode(type, src, length, dst, dst_len);
+  int64_t res = decode(type, src, length, dst, dst_len);
+  trim_read_buf();
+  return res;
 }
 
 static void execute(napi_env env, void *data) {

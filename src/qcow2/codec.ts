@@ -100,9 +100,12 @@ function inflateRaw(src: Uint8Array, clusterSize: number): Promise<Buffer> {
     // default 16 KiB chunks a 64 KiB cluster took 4-5 round trips through the pool and the
     // stream machinery, and a Buffer.concat (profile: zlib's processCallback was 28% of the
     // daemon's time on a sequential read of a zlib image).
-    zlib.inflateRaw(src, { chunkSize: Math.max(clusterSize, 64 * 1024), maxOutputLength: clusterSize + 1 }, (err, out) => {
+    // QEMU's verdict: whatever fills the cluster (a stream that goes on, or that needs input past
+    // the descriptor's bytes, still gives its first cluster; up to 16 clusters of output here).
+    const opts = { chunkSize: Math.max(clusterSize, 64 * 1024), maxOutputLength: 16 * clusterSize, finishFlush: zlib.constants.Z_SYNC_FLUSH };
+    zlib.inflateRaw(src, opts, (err, out) => {
       if (err) reject(new DecompressError(`zlib: ${err.message}`));
-      else resolve(out);
+      else resolve(out.length > clusterSize ? out.subarray(0, clusterSize) : out);
     });
   });
 }
@@ -153,6 +156,13 @@ export function zstdFrameLength(src: Uint8Array): number {
   const n = src.length;
   if (n < 6) throw new DecompressError('zstd: frame too short');
   const magic = (src[0]! | (src[1]! << 8) | (src[2]! << 16) | (src[3]! << 24)) >>> 0;
+  if ((magic & 0xfffffff0) >>> 0 === 0x184d2a50) {
+    // A skippable frame: magic, 4-byte little-endian size, that many bytes.
+    if (n < 8) throw new DecompressError('zstd: truncated skippable frame');
+    const len = 8 + ((src[4]! | (src[5]! << 8) | (src[6]! << 16) | (src[7]! << 24)) >>> 0);
+    if (len > n) throw new DecompressError('zstd: truncated skippable frame');
+    return len;
+  }
   if (magic !== 0xfd2fb528) throw new DecompressError(`zstd: bad frame magic 0x${magic.toString(16)}`);
   const fhd = src[4]!;
   const fcsFlag = fhd >> 6;
@@ -203,12 +213,12 @@ async function zstdDecompress(src: Uint8Array, clusterSize: number, into?: Buffe
   m.HEAPU8.set(src, zstdSrc);
   let inOff = 0;
   let outOff = 0;
-  // QEMU writes one frame; accept several, as its streaming decoder would.
+  // QEMU writes one frame; accept several (skippable and empty ones too), as its streaming
+  // decoder would.
   while (outOff < clusterSize) {
     const frameLen = zstdFrameLength(src.subarray(inOff));
     const r = m._ZSTD_decompress(zstdDst + outOff, clusterSize - outOff, zstdSrc + inOff, frameLen);
     if (m._ZSTD_isError(r)) throw new DecompressError('zstd: corrupt frame');
-    if (r === 0) break;
     outOff += r;
     inOff += frameLen;
   }

@@ -93,7 +93,12 @@ describe('codec errors', () => {
       await expect(decompressCluster(type, packed.subarray(0, packed.length >> 1), 65536)).rejects.toThrow(DecompressError);
       // A valid stream of the wrong length is not a cluster.
       await expect(decompressCluster(type, await compressCluster(type, cluster.subarray(0, 4096)), 65536)).rejects.toThrow(DecompressError);
-      await expect(decompressCluster(type, packed, 4096)).rejects.toThrow(DecompressError);
+      if (type === COMPRESSION_ZSTD) {
+        await expect(decompressCluster(type, packed, 4096)).rejects.toThrow(DecompressError);
+      } else {
+        // QEMU's zlib verdict: a stream that fills the cluster gives it, the rest is ignored.
+        expect((await decompressCluster(type, packed, 4096)).equals(cluster.subarray(0, 4096))).toBe(true);
+      }
     }
     await expect(decompressCluster(7, Buffer.alloc(10), 512)).rejects.toThrow(DecompressError);
   });

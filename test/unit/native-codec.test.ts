@@ -143,7 +143,7 @@ describe('native codec addon', () => {
     }
   });
 
-  it('zlib: a stream longer than the cluster is refused; bytes after the stream are ignored', async () => {
+  it('zlib: a stream longer than the cluster gives its first cluster (as QEMU); bytes after the stream are ignored', async () => {
     const cs = 65536;
     const cluster = source(cs, 10);
     const packed = await compressCluster(COMPRESSION_ZLIB, cluster);
@@ -151,7 +151,8 @@ describe('native codec addon', () => {
     for (const native of [true, false]) {
       const out = await decode(native, COMPRESSION_ZLIB, Buffer.concat([packed, Buffer.alloc(600, 0xa5)]), cs);
       expect(out !== 'error' && out.equals(cluster), `native=${native}`).toBe(true);
-      expect(await decode(native, COMPRESSION_ZLIB, big, cs)).toBe('error');
+      const first = await decode(native, COMPRESSION_ZLIB, big, cs);
+      expect(first !== 'error' && first.equals(cluster), `native=${native}: the longer stream`).toBe(true);
     }
   });
 
