@@ -103,9 +103,8 @@ export class ClusterMapper {
       if (d.hostOffset < this.clusterSize || d.hostOffset >= this.regions.fileSize()) {
         this.corrupt(`compressed cluster offset 0x${d.hostOffset.toString(16)} lies outside the file`, l1Index, idx);
       }
-      if (d.hostOffset + d.compressedBytes > Math.ceil(this.regions.fileSize() / 512) * 512) {
-        this.corrupt(`compressed cluster at 0x${d.hostOffset.toString(16)} (${d.compressedBytes} bytes) runs past the end of the file`, l1Index, idx);
-      }
+      // Its sector count may run past the end of the file (QEMU reads zeros there, and so do we:
+      // the decoder then decides, as QEMU's does).
       this.rKind = K_COMPRESSED;
       this.rHost = d.hostOffset;
       this.rCBytes = d.compressedBytes;
