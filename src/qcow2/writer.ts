@@ -806,9 +806,15 @@ export class Qcow2Writer {
 
     if (e.compressed) {
       const d = compressedDescriptor(e.hi, e.lo, g.clusterBits);
-      const buf = await this.img.decompressedCluster(d.hostOffset, d.compressedBytes);
       job.isNew = job.updateEntry = true;
-      full((from, to) => [{ from, to, src: { kind: 'buffer', buf } }]);
+      if (ds > 0 || de < cs) {
+        // Only the bytes around the write come from the old cluster (a whole-cluster write
+        // needs none of it, so it also replaces a cluster that no longer decodes, as QEMU does).
+        const buf = await this.img.decompressedCluster(d.hostOffset, d.compressedBytes);
+        full((from, to) => [{ from, to, src: { kind: 'buffer', buf } }]);
+      } else {
+        full(() => []);
+      }
       job.allocBits = g.extendedL2 ? 0xffffffff : 0;
       job.frees.push({ offset: d.hostOffset, bytes: d.compressedBytes });
       return job;
