@@ -18,7 +18,10 @@ import { spawn } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { need, qemuImg, removeScratch, rng, run, scratchDir, seededBytes, withMount } from './support/env';
+import * as zlib from 'node:zlib';
+import { compressCluster } from '../src/qcow2/codec';
+import { COMPRESSION_ZSTD } from '../src/qcow2/header';
+import { need, qemuImg, qemuIo, removeScratch, rng, run, scratchDir, seededBytes, withMount } from './support/env';
 import { expectCheckClean, expectSameContent, writeRoundAndCompare } from './support/oracle';
 
 afterAll(removeScratch);
@@ -201,4 +204,101 @@ describe('compressed clusters decoded by the binding', () => {
       expect(decodeStats(logFile).decoded).toBeGreaterThan(0);
     },
   );
+});
+
+/**
+ * Streams QEMU never writes but reads (its decoders fill the cluster and stop): appended at the
+ * end of the file, the first cluster's L2 entry pointed at them. Both the binding and the engine
+ * must read what qemu-img convert reads.
+ */
+describe('odd compressed streams read as QEMU reads them', () => {
+  const cs = 65536;
+  const half = (seed: number): Buffer => Buffer.concat([seededBytes(seed, 8192), Buffer.alloc(cs / 2 - 8192, seed)]);
+  const skippable = (payload: number): Buffer => {
+    const b = Buffer.alloc(8 + payload, 0x5a);
+    b.writeUInt32LE(0x184d2a53, 0);
+    b.writeUInt32LE(payload, 4);
+    return b;
+  };
+  const streams: Array<{ name: string; type: 'zlib' | 'zstd'; make: () => Promise<Buffer>; extraSectors?: number }> = [
+    {
+      name: 'descriptor whose sectors run past the end of the file',
+      type: 'zstd',
+      make: async () => compressCluster(COMPRESSION_ZSTD, Buffer.concat([half(6), half(7)])),
+      extraSectors: 7,
+    },
+    { name: 'zlib stream decoding to more than a cluster', type: 'zlib', make: async () => zlib.deflateRawSync(Buffer.concat([half(1), half(2), half(3)]), { windowBits: 12 }) },
+    {
+      name: 'zstd frame, skippable frame, empty frame, frame',
+      type: 'zstd',
+      make: async () => Buffer.concat([await compressCluster(COMPRESSION_ZSTD, half(4)), skippable(100), await compressCluster(COMPRESSION_ZSTD, Buffer.alloc(0)), await compressCluster(COMPRESSION_ZSTD, half(5))]),
+    },
+  ];
+  for (const env of [{}, { QCOW2FS_NO_NATIVE_DECODE: '1' }]) {
+    it.each(streams)(`$name${Object.keys(env).length ? ' (engine)' : ' (binding)'}`, async (c) => {
+      need('qemu-img', 'qemu-io', '/dev/fuse', 'cmp');
+      const dir = scratchDir('zodd');
+      const img = path.join(dir, 'odd.qcow2');
+      qemuImg('create', '-q', '-f', 'qcow2', '-o', `cluster_size=64k,compression_type=${c.type}`, img, String(4 * MiB));
+      qemuIo(img, ['write -c -P 0x11 0 64k', 'write -P 0x22 64k 1M']);
+      const stream = await c.make();
+      const file = fs.readFileSync(img);
+      const l2 = Number(file.readBigUInt64BE(Number(file.readBigUInt64BE(40))) & 0x00ffffff_fffffe00n);
+      const host = Math.ceil(file.length / 512) * 512 + 100;
+      const sectors = Math.floor((host + stream.length - 1) / 512) - Math.floor(host / 512) + 1 + (c.extraSectors ?? 0);
+      const patched = Buffer.concat([file, Buffer.alloc(host - file.length), stream]);
+      patched.writeBigUInt64BE((1n << 62n) | (BigInt(sectors - 1) << 54n) | BigInt(host), l2);
+      fs.writeFileSync(img, patched);
+      const viaQemu = path.join(dir, 'qemu.raw');
+      qemuImg('convert', '-O', 'raw', img, viaQemu);
+      const first = fs.readFileSync(viaQemu).subarray(0, cs);
+      expect(first.equals(Buffer.alloc(cs, 0x11)), 'QEMU reads the new stream, not the old cluster').toBe(false);
+      const saved = { ...process.env };
+      Object.assign(process.env, env);
+      try {
+        await withMount(img, ['--read-only'], async (raw) => {
+          // Twice: through the engine first, then (mappings published) through the binding.
+          for (let pass = 0; pass < 2; pass++) expect(run('cmp', [raw, viaQemu]).code, `pass ${pass}`).toBe(0);
+          expect((await directRead(raw, 0, cs)).equals(first)).toBe(true);
+        });
+      } finally {
+        process.env = saved;
+      }
+    });
+  }
+});
+
+describe('a whole-cluster write over a compressed cluster that no longer decodes', () => {
+  it('replaces it without reading it, as QEMU does (a partial write still reports EIO)', async () => {
+    need('qemu-img', 'qemu-io', '/dev/fuse');
+    const dir = scratchDir('zcorrupt');
+    const img = path.join(dir, 'c.qcow2');
+    qemuImg('create', '-q', '-f', 'qcow2', '-o', 'cluster_size=64k,compression_type=zstd', img, String(4 * MiB));
+    qemuIo(img, ['write -c -P 0x11 0 64k', 'write -c -P 0x12 64k 64k']);
+    const file = fs.readFileSync(img);
+    const l2 = Number(file.readBigUInt64BE(Number(file.readBigUInt64BE(40))) & 0x00ffffff_fffffe00n);
+    for (const k of [0, 1]) {
+      const host = Number(file.readBigUInt64BE(l2 + 8 * k) & ((1n << 54n) - 1n));
+      file.fill(0xde, host, host + 16); // no zstd frame there any more
+    }
+    fs.writeFileSync(img, file);
+    // The oracle: QEMU writes the whole cluster without reading it.
+    const ref = path.join(dir, 'ref.qcow2');
+    fs.copyFileSync(img, ref);
+    qemuIo(ref, ['write -P 0x43 0 64k']);
+    await withMount(img, [], (raw) => {
+      const whole = run('qemu-io', ['-f', 'raw', '-n', '-c', 'write -P 0x43 0 64k', '-c', 'read -P 0x43 0 64k', raw]);
+      expect(whole.code, whole.stderr).toBe(0);
+      expect(whole.stdout + whole.stderr).not.toMatch(/error|failed/i);
+      // A partial write needs the old bytes around it: EIO, as in QEMU.
+      const part = run('qemu-io', ['-f', 'raw', '-n', '-c', 'write -P 0x44 65536 4096', raw]);
+      expect(part.stdout + part.stderr).toMatch(/Input\/output error/);
+    });
+    expectCheckClean(img);
+    for (const image of [img, ref]) {
+      const r = run('qemu-io', ['-r', '-f', 'qcow2', '-c', 'read -P 0x43 0 64k', image]);
+      expect(r.stdout + r.stderr, `the replaced cluster of ${path.basename(image)}`).toMatch(/read 65536\/65536 bytes/);
+      expect(r.stdout + r.stderr).not.toMatch(/Pattern verification failed/);
+    }
+  });
 });

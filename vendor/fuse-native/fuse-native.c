@@ -1340,6 +1340,8 @@ static void qcow2fs_z_readahead (qcow2fs_fastmap_t *m, uint64_t pos, uint64_t en
   uint64_t size = __atomic_load_n(&m->size, __ATOMIC_ACQUIRE);
   uint32_t queued = 0;
   pthread_mutex_lock(&m->zlock);
+  // At most half the cache ahead (tiny clusters: a 1 MiB window would evict itself).
+  if (m->zents != NULL && window > ((uint64_t) (m->zsets * m->zways / 2) << cb)) window = (uint64_t) (m->zsets * m->zways / 2) << cb;
   uint64_t last = m->z_last_end;
   int sequential = last != 0 && pos + window >= last && pos <= last + cs;
   if (end > last || !sequential) m->z_last_end = end;
@@ -1399,7 +1401,16 @@ static int qcow2fs_zread (qcow2fs_fastmap_t *m, char *dst, uint64_t in, uint64_t
   int ok = 0;
   if (e == NULL) {
     e = qcow2fs_z_claim(m, fdw, hw, QCOW2FS_Z_LOADING);
-    if (e == NULL) goto out;
+    if (e == NULL) {
+      // No room in the cache: decode it for this request alone. (Not a buffer kept per thread:
+      // libfuse starts a worker whenever none is idle, dozens under a deep queue.)
+      pthread_mutex_unlock(&m->zlock);
+      uint8_t *tmp = malloc((size_t) 1 << m->cluster_bits);
+      ok = tmp != NULL && qcow2fs_z_decode(m, fdw, hw, tmp);
+      if (ok) memcpy(dst, tmp + in, n);
+      free(tmp);
+      return ok;
+    }
     e->pins++;
     ok = qcow2fs_z_load_locked(m, e);
   } else {
@@ -1420,7 +1431,6 @@ static int qcow2fs_zread (qcow2fs_fastmap_t *m, char *dst, uint64_t in, uint64_t
     pthread_mutex_lock(&m->zlock);
   }
   e->pins--;
-out:
   pthread_mutex_unlock(&m->zlock);
   return ok;
 }
