@@ -110,3 +110,30 @@ describe.each([
     expect(rawSha(image)).toBe(b);
   });
 });
+
+describe('snapshot commands on a corrupt image', () => {
+  it('refuse with one line naming the bad L2 entry, and change nothing', () => {
+    need('qemu-img', 'qemu-io');
+    const dir = scratchDir('snapcorrupt');
+    const img = path.join(dir, 'c.qcow2');
+    qemuImg('create', '-q', '-f', 'qcow2', img, String(64 * 1024 * 1024));
+    qemuIo(img, ['write -P 0x55 0 100k']);
+    qemuImg('snapshot', '-c', 'good', img);
+    qemuIo(img, ['write -P 0x66 0 64k']); // the active layer's first cluster now differs from the snapshot's
+    // The active layer's first L2 entry: a data cluster offset that is not cluster-aligned.
+    const file = fs.readFileSync(img);
+    const l2 = Number(file.readBigUInt64BE(Number(file.readBigUInt64BE(40))) & 0x00ffffff_fffffe00n);
+    file.writeBigUInt64BE((1n << 63n) | 0x50200n, l2);
+    fs.writeFileSync(img, file);
+    const sha = sha256File(img);
+    const bin = path.join(__dirname, '..', 'bin', 'qcow2fs');
+    for (const args of [['-c', 'new'], ['-a', 'good']]) {
+      const r = run(bin, ['snapshot', ...args, img]);
+      expect(r.code, args.join(' ')).not.toBe(0);
+      const lines = r.stderr.split('\n').filter((l) => l.trim() !== '');
+      expect(lines, r.stderr).toHaveLength(1);
+      expect(lines[0]).toMatch(/^qcow2fs: .*L2 entry \(L1 index 0, L2 index 0\): data cluster offset 0x50200 is not aligned.*nothing was changed/);
+      expect(sha256File(img), `${args.join(' ')} left the image as it was`).toBe(sha);
+    }
+  });
+});

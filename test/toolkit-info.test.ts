@@ -140,3 +140,19 @@ describe('info agrees with qemu-img info', () => {
     expect(ours).toBe(theirs);
   });
 });
+
+describe('info: sizes printed as qemu-img prints them', () => {
+  it('virtual size and disk size lines agree for round, odd and just-below-a-unit sizes', () => {
+    need('qemu-img');
+    const dir = scratchDir('infosizes');
+    for (const size of ['512', '1536', '100M', '110M', '1000M', '1023M', '100G', '1G', '10487296', '123457024']) {
+      const img = path.join(dir, `s${size}.qcow2`);
+      qemuImg('create', '-q', '-f', 'qcow2', img, size);
+      const pick = (out: string): string[] => out.split('\n').filter((l) => /^(virtual size|disk size):/.test(l));
+      const theirs = pick(run('qemu-img', ['info', img]).stdout);
+      const ours = pick(qcow2fs(['info', img]).stdout);
+      expect(theirs).toHaveLength(2);
+      expect(ours, size).toEqual(theirs);
+    }
+  });
+});

@@ -74,16 +74,15 @@ export function parseSize(text: string, what = 'size'): number {
   return Math.floor(value);
 }
 
-/** "1 GiB", "1.5 MiB", "512 B", as qemu-img prints sizes. */
+/**
+ * "1 GiB", "1.5 MiB", "100 MiB", "0.977 GiB", "512 B", as qemu-img prints sizes: the unit keeps
+ * the number below 1000, printed with three significant digits (printf %0.3g).
+ */
 export function formatSize(bytes: number): string {
   const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB', 'EiB'];
-  let v = bytes;
-  let i = 0;
-  while (v >= 1024 && i < units.length - 1) {
-    v /= 1024;
-    i++;
-  }
-  if (i === 0) return `${bytes} B`;
-  const s = v >= 100 ? v.toFixed(0) : v >= 10 ? v.toFixed(1) : v.toFixed(2);
-  return `${s.replace(/\.?0+$/, '')} ${units[i]}`;
+  const x = bytes / (1000 / 1024);
+  // frexp's exponent: x = m * 2^e with 0.5 <= m < 1.
+  const e = x >= 1 ? Math.floor(Math.log2(x)) + 1 : 0;
+  const i = Math.min(units.length - 1, Math.max(0, Math.trunc((e - 1) / 10)));
+  return `${Number((bytes / 2 ** (10 * i)).toPrecision(3))} ${units[i]}`;
 }

@@ -82,6 +82,41 @@ function entryRange(ctx: Ctx, table: Buffer, i: number): { offset: number; bytes
   return host === 0 ? null : { offset: host, bytes: ctx.cs };
 }
 
+/**
+ * Before anything is written: every L2 table of the tree, and every cluster its entries point
+ * at, lies inside the file and is aligned (a corrupt entry would otherwise have its refcounts
+ * changed, or fail halfway through). Throws an ImageError naming the first bad one.
+ */
+async function checkTree(ctx: Ctx, l2Offsets: readonly number[], what: string): Promise<void> {
+  const { img, cs } = ctx;
+  const g = img.geometry;
+  const fileSize = img.fileSize;
+  const hex = (n: number): string => `0x${n.toString(16)}`;
+  const bad = (msg: string): never => {
+    throw new ImageError(`${what}: ${msg}; nothing was changed (qcow2fs check -r all repairs what it can)`, img.file.path);
+  };
+  for (let i = 0; i < l2Offsets.length; i++) {
+    const l2 = l2Offsets[i]!;
+    if (l2 === 0) continue;
+    if (l2 % cs !== 0 || l2 < cs || l2 + cs > Math.ceil(fileSize / cs) * cs) bad(`the L2 table of L1 index ${i} at ${hex(l2)} is not an aligned cluster inside the file`);
+    const table = await l2At(ctx, l2);
+    for (let j = 0; j < g.l2Entries; j++) {
+      const at = j * g.l2EntryBytes;
+      const hi = table.readUInt32BE(at);
+      const lo = table.readUInt32BE(at + 4);
+      if (hi & OFLAG_COMPRESSED_HI) {
+        const d = compressedDescriptor(hi, lo, g.clusterBits);
+        if (d.hostOffset < cs || d.hostOffset >= fileSize) bad(`L2 entry (L1 index ${i}, L2 index ${j}): compressed cluster offset ${hex(d.hostOffset)} lies outside the file`);
+        continue;
+      }
+      const host = entryOffset(hi, lo);
+      if (host === 0) continue;
+      if (host % cs !== 0) bad(`L2 entry (L1 index ${i}, L2 index ${j}): data cluster offset ${hex(host)} is not aligned to a cluster`);
+      if (host < cs || host >= fileSize) bad(`L2 entry (L1 index ${i}, L2 index ${j}): data cluster offset ${hex(host)} lies outside the file`);
+    }
+  }
+}
+
 /** Adds delta to the refcount of every cluster reachable from an L1 table, and to its L2 tables. */
 async function adjustTree(ctx: Ctx, l2Offsets: readonly number[], delta: number): Promise<void> {
   for (const l2 of l2Offsets) {
@@ -187,6 +222,7 @@ export async function createSnapshot(img: Qcow2Image, name: string, now = new Da
   const { rc, cs } = ctx;
   const l1 = img.l1;
   const l1Size = l1.l2Offsets.length;
+  await checkTree(ctx, [...l1.l2Offsets], 'cannot take a snapshot of a corrupt active layer');
   // 1. A copy of the L1 table (snapshot L1 entries carry no COPIED flags).
   let l1Offset = 0;
   if (l1Size > 0) {
@@ -233,6 +269,7 @@ export async function deleteSnapshot(img: Qcow2Image, idOrName: string): Promise
   const sn = mustFind(img, idOrName);
   const ctx = await context(img);
   const l2s = await readL1(ctx, sn.l1TableOffset, sn.l1Size);
+  await checkTree(ctx, l2s, `cannot delete snapshot "${sn.name}": its tables are corrupt`);
   // 1. The snapshot disappears from the table (a crash after this only leaks).
   await replaceSnapshotTable(ctx, img.snapshots.filter((s) => s !== sn));
   // 2. Its references go.
@@ -252,6 +289,8 @@ export async function applySnapshot(img: Qcow2Image, idOrName: string): Promise<
   const l1 = img.l1;
   const h = img.header;
   const snapL2s = await readL1(ctx, sn.l1TableOffset, sn.l1Size);
+  await checkTree(ctx, snapL2s, `cannot apply snapshot "${sn.name}": its tables are corrupt`);
+  await checkTree(ctx, [...l1.l2Offsets], `cannot apply snapshot "${sn.name}": the active layer is corrupt`);
   const oldL2s = [...l1.l2Offsets];
   const oldL1Offset = l1.tableOffset;
   const oldL1Clusters = Math.ceil((oldL2s.length * 8) / cs);
