@@ -195,6 +195,17 @@ describe('mount errors are one line', () => {
   });
 });
 
+describe('argument errors of every verb are one line with the details', () => {
+  it('missing arguments and bad choices', () => {
+    const dir = scratchDir('argerr');
+    const img = smallImage(dir);
+    oneLine(qcow2fs(['info']), /Not enough non-option arguments/);
+    oneLine(qcow2fs(['info', '--output', 'xml', img]), /Invalid values: .*output.*"xml".*"human", "json"/);
+    oneLine(qcow2fs(['map', '-f', 'vmdk', img]), /Invalid values: .*"vmdk"/);
+    oneLine(qcow2fs(['convert', img]), /need at least 2/);
+  });
+});
+
 describe('--read-ahead', () => {
   it("sets the kernel's read-ahead on the mount (1 MiB by default, 0: the kernel's 128 KiB); bad values are one line", async () => {
     const dir = scratchDir('ra');

@@ -73,7 +73,9 @@ export function buildCli(args: string[]): Argv<GlobalArgs> {
   for (const name of verb !== undefined ? [verb] : COMMANDS) y = VERBS[name]!()(y);
   return y.fail((msg, err) => {
     if (err) throw err;
-    process.stderr.write(`qcow2fs: ${msg.split('\n')[0]}\nTry "qcow2fs --help".\n`);
+    // One line: yargs puts the details of some messages ("Invalid values:") on the next lines.
+    const text = msg.split('\n').map((l) => l.trim()).filter((l) => l !== '').join(' ');
+    process.stderr.write(`qcow2fs: ${text} (see qcow2fs --help)\n`);
     process.exit(EXIT_USAGE);
   });
 }
