@@ -2,7 +2,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { buildCorpus, type CorpusImage } from './toolkit-corpus';
-import { need, qcow2fs, qemuImg, removeScratch, run, scratchDir } from './support/env';
+import { need, qcow2fs, qemuImg, removeScratch, run, scratchDir, withMount } from './support/env';
 
 let corpus: CorpusImage[] = [];
 beforeAll(() => {
@@ -154,5 +154,30 @@ describe('info: sizes printed as qemu-img prints them', () => {
       expect(theirs).toHaveLength(2);
       expect(ours, size).toEqual(theirs);
     }
+  });
+});
+
+describe('an image of size 0 (qemu-img creates them)', () => {
+  it('create, info, map and check agree with qemu-img, and it mounts as an empty raw file', async () => {
+    need('qemu-img', '/dev/fuse');
+    const dir = scratchDir('size0');
+    const theirs = path.join(dir, 'q.qcow2');
+    const ours = path.join(dir, 'o.qcow2');
+    qemuImg('create', '-q', '-f', 'qcow2', theirs, '0');
+    const c = qcow2fs(['create', '-f', 'qcow2', ours, '0']);
+    expect(c.code, c.stderr).toBe(0);
+    expect(run('qemu-img', ['check', ours]).code).toBe(0);
+    expect(run('qemu-img', ['compare', theirs, ours]).code).toBe(0);
+    for (const args of [['info', '--output', 'json'], ['map', '--output', 'json'], ['check', '--output', 'json'], ['map', '--start-offset', '0']]) {
+      const q = run('qemu-img', [...args, theirs]);
+      const o = qcow2fs([...args, theirs]);
+      expect(o.code, `${args.join(' ')}: ${o.stderr}`).toBe(q.code);
+      expect(o.stdout, args.join(' ')).toBe(q.stdout);
+    }
+    await withMount(theirs, [], (raw) => {
+      expect(fs.statSync(raw).size).toBe(0);
+      expect(fs.readFileSync(raw).length).toBe(0);
+    });
+    expect(run('qemu-img', ['check', theirs]).code).toBe(0);
   });
 });

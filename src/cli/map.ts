@@ -82,6 +82,8 @@ export function registerMap(y: Argv<GlobalArgs>): Argv<GlobalArgs> {
             first = false;
             if (out.length > 512) flush();
           });
+          // An empty range (a disk of size 0, --start-offset at its end): qemu-img still prints one entry.
+          if (first) out.push(mapEntryJson({ start, length: 0, depth: 0, present: false, zero: false, data: false }));
           out.push(']\n');
           flush();
           return;

@@ -54,7 +54,7 @@ export function l1EntriesFor(sizeBytes: number, clusterBits: number, extendedL2:
 
 /** Checks the option combination the way qemu-img create does; throws UsageError naming the option. */
 export function validateCreateOptions(o: Qcow2CreateOptions): void {
-  if (!Number.isSafeInteger(o.sizeBytes) || o.sizeBytes <= 0) throw new UsageError(`size ${o.sizeBytes}: the image must have a size above 0`);
+  if (!Number.isSafeInteger(o.sizeBytes) || o.sizeBytes < 0) throw new UsageError(`size ${o.sizeBytes}: the size must not be negative`);
   if (o.sizeBytes > MAX_VIRTUAL_SIZE) throw new UsageError(`size ${o.sizeBytes} is too large`);
   if (o.sizeBytes % 512 !== 0) throw new UsageError(`size ${o.sizeBytes} is not a multiple of 512`);
   if (o.clusterBits < MIN_CLUSTER_BITS || o.clusterBits > MAX_CLUSTER_BITS) throw new UsageError('cluster_size must be a power of two between 512 and 2048k');

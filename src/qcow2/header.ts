@@ -191,7 +191,6 @@ export function decodeHeader(head: Buffer, fileSize: number): Qcow2Header {
   };
 
   const sizeBig = head.readBigUInt64BE(24);
-  if (sizeBig === 0n) throw new ImageError('size 0: the image has no virtual disk to serve');
   if (sizeBig > BigInt(MAX_VIRTUAL_SIZE)) throw new ImageError(`size ${sizeBig} is too large (above 2^53)`);
   h.sizeBytes = Number(sizeBig);
 
