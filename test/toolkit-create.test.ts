@@ -98,6 +98,22 @@ describe('create agrees with qemu-img create', () => {
     });
   }
 
+  it('extended L2 with each preallocation mode: the same map as qemu-img (subclusters left unallocated)', () => {
+    need('qemu-img');
+    const dir = scratchDir('createxl2');
+    const noOffsets = (img: string): string => run('qemu-img', ['map', '--output', 'json', img]).stdout.replace(/, "offset": \d+/g, '');
+    for (const prealloc of ['metadata', 'falloc', 'full']) {
+      const theirs = path.join(dir, `q-${prealloc}.qcow2`);
+      const ours = path.join(dir, `o-${prealloc}.qcow2`);
+      qemuImg('create', '-q', '-f', 'qcow2', '-o', `extended_l2=on,preallocation=${prealloc}`, theirs, '4M');
+      const r = qcow2fs(['create', '-f', 'qcow2', '-o', `extended_l2=on,preallocation=${prealloc}`, ours, '4M']);
+      expect(r.code, r.stderr).toBe(0);
+      expect(run('qemu-img', ['check', ours]).code).toBe(0);
+      expect(noOffsets(ours), prealloc).toBe(noOffsets(theirs));
+      expect(run('qemu-img', ['compare', theirs, ours]).code).toBe(0);
+    }
+  });
+
   it('raw images with each preallocation mode', () => {
     need('qemu-img');
     const dir = scratchDir('create-raw');

@@ -56,11 +56,13 @@ export async function preallocateExtents(
   }
 }
 
-/** Creates a qcow2 file. `fromBacking`: preallocated clusters keep reading from the backing file. */
+/** Creates a qcow2 file, preallocated as asked. */
 export async function createQcow2(path: string, opts: Qcow2CreateOptions, prealloc: Preallocation, progress?: PreallocProgress): Promise<void> {
   const w = await Qcow2LayoutWriter.create(path, opts);
   try {
-    const fromBacking = opts.backingFile !== null;
+    // As qemu-img: with extended L2, preallocated clusters keep every subcluster unallocated
+    // (their host cluster is reserved; they read from the backing file, or as zeros without one).
+    const fromBacking = true;
     if (prealloc === 'falloc' || prealloc === 'full') {
       await w.preallocateAll(fromBacking);
     } else if (prealloc === 'metadata') {
