@@ -120,6 +120,35 @@ describe('commit', () => {
     });
   }
 
+  it("zeros of the overlay become zeros of the base without data clusters (the same data/zero map as qemu-img's)", () => {
+    need('qemu-img', 'qemu-io');
+    const maps: string[] = [];
+    for (const who of ['qemu', 'ours']) {
+      const dir = scratchDir(`commitz-${who}`);
+      const base = path.join(dir, 'base.qcow2');
+      const top = path.join(dir, 'top.qcow2');
+      qemuImg('create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4096', base, String(8 * 1024 * 1024));
+      qemuIo(base, ['write -P 0x5a 0 8M']);
+      qemuImg('create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', top);
+      qemuIo(top, ['write -z 4M 1M', 'write -z -u 6M 64k', 'write -P 0x33 7M 6k']);
+      if (who === 'qemu') qemuImg('commit', '-q', top);
+      else expect(qcow2fs(['commit', top]).code).toBe(0);
+      expect(run('qemu-img', ['check', base]).code).toBe(0);
+      const json = JSON.parse(run('qemu-img', ['map', '--output', 'json', base]).stdout) as Array<{ start: number; length: number; zero: boolean; data: boolean }>;
+      // Where the data and the zeros are (QEMU writes zero clusters where we may leave the
+      // clusters unallocated: both read as zeros and hold no data).
+      const merged: string[] = [];
+      for (const e of json) {
+        const key = `${e.zero}/${e.data}`;
+        const last = merged[merged.length - 1];
+        if (last?.endsWith(key)) merged[merged.length - 1] = `${last.split(' ')[0]}-${e.start + e.length} ${key}`.replace(/^(\d+)-\d+-/, '$1-');
+        else merged.push(`${e.start}-${e.start + e.length} ${key}`);
+      }
+      maps.push(merged.join('\n'));
+    }
+    expect(maps[1]).toBe(maps[0]);
+  });
+
   it('-d keeps the overlay; a three-file chain commits into the middle file only', () => {
     need('qemu-img', 'qemu-io');
     const dir = scratchDir('commit-chain');

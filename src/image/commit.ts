@@ -30,16 +30,17 @@ export interface CommitOptions {
   progress?: (fraction: number) => void;
 }
 
-/** The top layer's own ranges (data or zeros), merged. */
-async function overlayRanges(top: BlockDevice): Promise<Array<[number, number]>> {
-  const out: Array<[number, number]> = [];
+/** The top layer's own ranges, merged: [offset, length, whether they are zeros (no data)]. */
+async function overlayRanges(top: BlockDevice): Promise<Array<[number, number, boolean]>> {
+  const out: Array<[number, number, boolean]> = [];
   const step = 1 << 30;
   for (let pos = 0; pos < top.size; pos += step) {
     for (const e of await top.status(pos, Math.min(step, top.size - pos))) {
       if (e.depth !== 0 || (e.kind !== 'data' && e.kind !== 'zero')) continue;
+      const zero = e.kind === 'zero';
       const last = out[out.length - 1];
-      if (last && last[0] + last[1] === e.offset) last[1] += e.length;
-      else out.push([e.offset, e.length]);
+      if (last && last[0] + last[1] === e.offset && last[2] === zero) last[1] += e.length;
+      else out.push([e.offset, e.length, zero]);
     }
   }
   return out;
@@ -78,7 +79,15 @@ export async function commitOverlay(overlayPath: string, opts: CommitOptions): P
         } else throw new ImageError(`cannot grow ${backingPath}`);
       }
       const buf = Buffer.allocUnsafe(Math.min(COPY_CHUNK_BYTES, Math.max(total, 1)));
-      for (const [start, length] of ranges) {
+      for (const [start, length, zero] of ranges) {
+        if (zero) {
+          // Zeros in the overlay: zeros in the backing file too, without writing data clusters
+          // (zero clusters, or unallocated where nothing shows through; holes in a raw file).
+          await dev.discard(start, length);
+          bytesCommitted += length;
+          opts.progress?.(total ? bytesCommitted / total : 1);
+          continue;
+        }
         for (let pos = start; pos < start + length; pos += buf.length) {
           const n = Math.min(buf.length, start + length - pos);
           const chunk = buf.subarray(0, n);
