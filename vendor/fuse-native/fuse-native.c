@@ -225,8 +225,9 @@ typedef struct {
   pthread_mutex_t zlock;
   pthread_cond_t zcond;
   qcow2fs_zent_t *zents;
-  uint32_t zsets;
+  uint32_t zsets;      // the cache's shape and the read-ahead window, set at attach
   uint32_t zways;
+  uint64_t zwindow;
   uint64_t ztick;
   uint64_t zgen;
   uint64_t z_last_end; // read-ahead: end of the last read over compressed clusters (0: none)
@@ -1182,8 +1183,8 @@ static int qcow2fs_run_read (int32_t fd, char *dst, size_t len, uint64_t host) {
  * Helpers count as readers of the map (quiesce and disable wait for them). The host bytes of a
  * compressed cluster change only after the engine frees them, which it does only after quiesce:
  * quiesce empties the cache and starts a new generation, and queued jobs of an older one are
- * dropped. Any failure (no decoder, a corrupt cluster, the cache full of pinned entries) sends
- * the request to JS, which reports it or reads it itself.
+ * dropped. A cluster whose cache set is all in use is decoded for its request alone; a failure
+ * (no decoder, a corrupt cluster) sends the request to JS, which reports it or reads it itself.
  */
 typedef struct {
   qcow2fs_fastmap_t *m;
@@ -1228,17 +1229,25 @@ static qcow2fs_zent_t *qcow2fs_z_find (qcow2fs_fastmap_t *m, int32_t fdw, uint64
   return NULL;
 }
 
+// The decoded-cluster cache's shape: QCOW2FS_Z_CACHE_BYTES, at least two read-ahead windows plus
+// four clusters, at most QCOW2FS_Z_MAX_ENTRIES; the window (QCOW2FS_Z_WINDOW, at least two
+// clusters) at most half of it (tiny clusters: a 1 MiB window would evict itself).
+static void qcow2fs_z_size (qcow2fs_fastmap_t *m) {
+  uint64_t cs = 1ull << m->cluster_bits;
+  uint64_t window = QCOW2FS_Z_WINDOW > 2 * cs ? QCOW2FS_Z_WINDOW : 2 * cs;
+  uint64_t n = QCOW2FS_Z_CACHE_BYTES / cs;
+  if (n < 2 * (window / cs) + 4) n = 2 * (window / cs) + 4;
+  if (n > QCOW2FS_Z_MAX_ENTRIES) n = QCOW2FS_Z_MAX_ENTRIES;
+  m->zways = n < QCOW2FS_Z_WAYS ? (uint32_t) n : QCOW2FS_Z_WAYS;
+  m->zsets = (uint32_t) (n / m->zways);
+  uint64_t half = (uint64_t) (m->zsets * m->zways / 2) * cs;
+  m->zwindow = window < half ? window : half;
+}
+
 // Under zlock: an entry of hw's set for a new cluster (free, or the least recently used ready
 // one nobody holds), with its buffer; NULL if there is none.
 static qcow2fs_zent_t *qcow2fs_z_claim (qcow2fs_fastmap_t *m, int32_t fdw, uint64_t hw, uint32_t state) {
   if (m->zents == NULL) {
-    uint64_t cs = 1ull << m->cluster_bits;
-    uint64_t n = QCOW2FS_Z_CACHE_BYTES / cs;
-    uint64_t window = QCOW2FS_Z_WINDOW > 2 * cs ? QCOW2FS_Z_WINDOW : 2 * cs;
-    if (n < 2 * (window / cs) + 4) n = 2 * (window / cs) + 4;
-    if (n > QCOW2FS_Z_MAX_ENTRIES) n = QCOW2FS_Z_MAX_ENTRIES;
-    m->zways = n < QCOW2FS_Z_WAYS ? (uint32_t) n : QCOW2FS_Z_WAYS;
-    m->zsets = (uint32_t) (n / m->zways);
     m->zents = calloc((size_t) m->zsets * m->zways, sizeof(qcow2fs_zent_t));
     if (m->zents == NULL) return NULL;
   }
@@ -1336,12 +1345,10 @@ static void qcow2fs_z_start_helpers (void) {
 static void qcow2fs_z_readahead (qcow2fs_fastmap_t *m, uint64_t pos, uint64_t end) {
   uint32_t cb = m->cluster_bits;
   uint64_t cs = 1ull << cb;
-  uint64_t window = QCOW2FS_Z_WINDOW > 2 * cs ? QCOW2FS_Z_WINDOW : 2 * cs;
+  uint64_t window = m->zwindow;
   uint64_t size = __atomic_load_n(&m->size, __ATOMIC_ACQUIRE);
   uint32_t queued = 0;
   pthread_mutex_lock(&m->zlock);
-  // At most half the cache ahead (tiny clusters: a 1 MiB window would evict itself).
-  if (m->zents != NULL && window > ((uint64_t) (m->zsets * m->zways / 2) << cb)) window = (uint64_t) (m->zsets * m->zways / 2) << cb;
   uint64_t last = m->z_last_end;
   int sequential = last != 0 && pos + window >= last && pos <= last + cs;
   if (end > last || !sequential) m->z_last_end = end;
@@ -1707,6 +1714,7 @@ NAPI_METHOD(qcow2fs_fastmap_attach) {
   pthread_cond_init(&m->zcond, NULL);
   snprintf(m->path, sizeof(m->path), "%s", path);
   m->cluster_bits = cluster_bits;
+  qcow2fs_z_size(m);
   m->slot_mask = ((uint64_t) 1 << slot_bits) - 1;
   m->size = size > 0 ? (uint64_t) size : 0;
   ft->fastmaps[n] = m;
