@@ -31,7 +31,7 @@
  * only the allocating writes.
  */
 import type FuseTypes from 'fuse-native';
-import type { BlockDevice, MappingObserver } from '../image/blockdev';
+import type { BlockDevice, MappingObserver, PlainRun } from '../image/blockdev';
 import { log } from '../log';
 import { nativeDecoderApi } from '../qcow2/codec';
 
@@ -196,25 +196,8 @@ export class DirectReadMap implements MappingObserver {
         if (!(run.length > 0)) break;
         const runEnd = pos + run.length;
         if (run.kind === 'compressed') {
-          // One whole cluster of this map's size (a backing file's other cluster size: not here).
-          if (
-            this.decoding &&
-            run.offsetInCluster === 0 &&
-            run.clusterBytes === cs &&
-            pos % cs === 0 &&
-            (run.length === cs || runEnd >= size) &&
-            run.fd >= 0 &&
-            run.fd <= MAX_CFD &&
-            (run.compression === 0 || run.compression === 1) &&
-            run.hostOffset < 2 ** CHOST_BITS &&
-            run.compressedBytes > 0
-          ) {
-            const sectors = (run.compressedBytes + (run.hostOffset % 512)) / 512;
-            if (Number.isInteger(sectors) && sectors <= MAX_CSECTORS) {
-              const fd = run.fd + SLOT_COMPRESSED + (run.compression === 1 ? SLOT_ZSTD : 0);
-              this.emit(pos / cs, 1, fd, run.hostOffset + sectors * 2 ** CHOST_BITS);
-            }
-          }
+          // A whole cluster of this map's size (a backing file's other cluster size: not here).
+          if (this.decoding && run.clusterBytes === cs && pos % cs === 0 && (run.length === cs || runEnd >= size)) this.emitCompressed(pos / cs, run);
         } else if (run.kind !== 'other') {
           // Clusters that start inside the run and end inside it (or at the device's end).
           const first = Math.ceil(pos / cs);
@@ -241,6 +224,14 @@ export class DirectReadMap implements MappingObserver {
     t[i + 2] = fd;
     t[i + 3] = host;
     if (++this.pending === BATCH) this.flushEmits();
+  }
+
+  /** The slot of compressed cluster `cluster` (see SLOT_COMPRESSED), where its words can say it. */
+  private emitCompressed(cluster: number, run: Extract<PlainRun, { kind: 'compressed' }>): void {
+    const sectors = (run.compressedBytes + (run.hostOffset % 512)) / 512;
+    if (run.fd > MAX_CFD || run.compression > 1 || run.hostOffset >= 2 ** CHOST_BITS || !Number.isInteger(sectors) || sectors > MAX_CSECTORS) return;
+    const fd = run.fd + SLOT_COMPRESSED + (run.compression === 1 ? SLOT_ZSTD : 0);
+    this.emit(cluster, 1, fd, run.hostOffset + sectors * 2 ** CHOST_BITS);
   }
 
   private flushEmits(): void {

@@ -102,7 +102,8 @@ declare module 'fuse-native' {
     onLow(index: number, cb: () => void): void;
     /**
      * Gives the binding the codec addon's decoder (its api() external), for every map: slots may
-     * then say "compressed" (fd | 0x20000000, | 0x10000000 for zstd; host = offset | bytes << 40).
+     * then say "compressed" (fd | 0x20000000, | 0x10000000 for zstd; host = offset + (512-byte
+     * sectors its bytes touch) * 2^39).
      * False where the binding or the table does not fit.
      */
     setCodec(api: unknown): boolean;

@@ -37,7 +37,7 @@ export type PlainRun =
    * One compressed cluster of `clusterBytes` (length: from the offset asked to its end):
    * `compressedBytes` at hostOffset of fd, `compression` the header's compression_type.
    */
-  | { kind: 'compressed'; length: number; fd: number; hostOffset: number; compressedBytes: number; compression: number; clusterBytes: number; offsetInCluster: number }
+  | { kind: 'compressed'; length: number; fd: number; hostOffset: number; compressedBytes: number; compression: number; clusterBytes: number }
   /** Anything else (metadata not cached, ...): only the engine can read it. */
   | { kind: 'other'; length: number };
 

@@ -318,7 +318,6 @@ export class Qcow2Image implements BlockDevice {
           compressedBytes: m.compressedBytes,
           compression: this.header.compressionType,
           clusterBytes: this.geometry.clusterSize,
-          offsetInCluster: m.offsetInCluster,
         };
       case 'unallocated': {
         const b = this.backing;
