@@ -12,10 +12,10 @@
  *  - the daemon's own count (debug log at unmount) shows that reads, and writes into clusters
  *    the image owns (done in place by the binding too), really were done natively.
  */
-import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { need, qemuImg, qemuIo, removeScratch, rng, run, scratchDir, withMount } from './support/env';
+import { directMapCounters } from './support/daemons';
 import { expectCheckClean, expectSameContent, writeRoundAndCompare } from './support/oracle';
 
 afterAll(removeScratch);
@@ -53,20 +53,6 @@ const CASES: Case[] = [
   { name: 'overlay on a shorter qcow2 backing file', format: 'qcow2', opts: 'cluster_size=64k', fill: ['write -P 0x61 30M 1M'], backing: true },
   { name: 'raw image', format: 'raw', fill: ['write -P 0x71 0 16M'] },
 ];
-
-function directStats(logFile: string): { hits: number; misses: number; writes: number } {
-  let hits = 0;
-  let misses = 0;
-  let writes = 0;
-  for (const line of fs.readFileSync(logFile, 'utf8').split('\n')) {
-    if (!line.includes('direct read map closed')) continue;
-    const rec = JSON.parse(line) as { hits: number; misses: number; writes: number };
-    hits += rec.hits;
-    misses += rec.misses;
-    writes += rec.writes;
-  }
-  return { hits, misses, writes };
-}
 
 describe('direct reads (answered by the binding) see every write at once', () => {
   it.each(CASES)('$name', async (c) => {
@@ -110,7 +96,7 @@ describe('direct reads (answered by the binding) see every write at once', () =>
       qemuImg('convert', '-O', 'raw', fresh, before);
       expect(run('cmp', [snap, before]).code).toBe(0);
     }
-    const { hits, misses, writes } = directStats(logFile);
+    const { hits, misses, writes } = directMapCounters(logFile);
     // Most reads of the warm-up pass and the read-backs were answered natively, and writes into
     // clusters the image owns were done natively too.
     expect(hits, `hits ${hits}, misses ${misses}`).toBeGreaterThan(misses);

@@ -21,6 +21,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { need, qemuImg, qemuIo, REPO, removeScratch, rng, run, scratchDir, sha256File, withMount } from './support/env';
+import { directMapCounters } from './support/daemons';
 import { expectCheckClean, expectSameContent } from './support/oracle';
 
 afterAll(removeScratch);
@@ -91,18 +92,6 @@ function planWrites(r: () => number, unit: number, count: number, round: number,
     [writes[i], writes[j]] = [writes[j]!, writes[i]!];
   }
   return writes;
-}
-
-function nativeStats(logFile: string): { allocs: number; writes: number } {
-  let allocs = 0;
-  let writes = 0;
-  for (const line of fs.readFileSync(logFile, 'utf8').split('\n')) {
-    if (!line.includes('direct read map closed')) continue;
-    const rec = JSON.parse(line) as { allocs?: number; writes: number };
-    allocs += rec.allocs ?? 0;
-    writes += rec.writes;
-  }
-  return { allocs, writes };
 }
 
 /** Reads [off, +len) of a raw file with O_DIRECT (dd), so the daemon serves it. */
@@ -206,7 +195,7 @@ describe('allocating writes done by the binding match qemu-io', () => {
       qemuImg('convert', '-O', 'raw', '-l', 'snapshot.name=before', image, snap);
       expect(run('cmp', [snap, snapBefore]).code, 'the snapshot is unchanged').toBe(0);
     }
-    const { allocs, writes } = nativeStats(logFile);
+    const { allocs, writes } = directMapCounters(logFile);
     expect(allocs, `clusters allocated by the binding (native writes ${writes})`).toBeGreaterThanOrEqual(c.minAllocs ?? 50);
   });
 });
@@ -262,6 +251,6 @@ describe('concurrent allocating writes (fio, 4 jobs x QD16, verified)', () => {
     const verify = run('fio', job(back, true));
     expect(verify.code, verify.stdout + verify.stderr).toBe(0);
     expect(verify.stdout.trim().split('\n').pop()!.split(';')[4], 'fio errors on what QEMU reads').toBe('0');
-    expect(nativeStats(logFile).allocs).toBeGreaterThan(1000);
+    expect(directMapCounters(logFile).allocs).toBeGreaterThan(1000);
   });
 });

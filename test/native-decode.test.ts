@@ -22,6 +22,7 @@ import * as zlib from 'node:zlib';
 import { compressCluster } from '../src/qcow2/codec';
 import { COMPRESSION_ZSTD } from '../src/qcow2/header';
 import { need, qemuImg, qemuIo, removeScratch, rng, run, scratchDir, seededBytes, withMount } from './support/env';
+import { directMapCounters } from './support/daemons';
 import { expectCheckClean, expectSameContent, writeRoundAndCompare } from './support/oracle';
 
 afterAll(removeScratch);
@@ -77,26 +78,6 @@ function source(size: number, seed: number): Buffer {
     }
   }
   return b;
-}
-
-interface DecodeStats {
-  hits: number;
-  misses: number;
-  decoded: number;
-  decodedAhead: number;
-}
-
-function decodeStats(logFile: string): DecodeStats {
-  const s: DecodeStats = { hits: 0, misses: 0, decoded: 0, decodedAhead: 0 };
-  for (const line of fs.readFileSync(logFile, 'utf8').split('\n')) {
-    if (!line.includes('direct read map closed')) continue;
-    const rec = JSON.parse(line) as DecodeStats;
-    s.hits += rec.hits;
-    s.misses += rec.misses;
-    s.decoded += rec.decoded;
-    s.decodedAhead += rec.decodedAhead;
-  }
-  return s;
 }
 
 /** dd with O_DIRECT of [offset, +length) (512-byte aligned) of file; resolves with the bytes. */
@@ -166,7 +147,7 @@ describe('compressed clusters decoded by the binding', () => {
       const results = await Promise.all([0, 1, 2, 3].map((k) => directRead(raw, k * 512 * 7, span - k * 512 * 7)));
       results.forEach((got, k) => expect(got.equals(data.subarray(k * 512 * 7, span)), `concurrent reader ${k}`).toBe(true));
     });
-    const s = decodeStats(logFile);
+    const s = directMapCounters(logFile);
     if (c.native) {
       expect(s.decoded, `clusters decoded natively (${JSON.stringify(s)})`).toBeGreaterThan(0);
       expect(s.decodedAhead, `clusters decoded by read-ahead (${JSON.stringify(s)})`).toBeGreaterThan(0);
@@ -201,7 +182,7 @@ describe('compressed clusters decoded by the binding', () => {
         qemuImg('convert', '-O', 'raw', '-l', 'snapshot.name=before', image, snap);
         expect(run('cmp', [snap, src]).code, 'the snapshot still reads as the source').toBe(0);
       }
-      expect(decodeStats(logFile).decoded).toBeGreaterThan(0);
+      expect(directMapCounters(logFile).decoded).toBeGreaterThan(0);
     },
   );
 });

@@ -85,3 +85,24 @@ export function fileState(p: string): FileState {
   const st = fs.statSync(p, { bigint: true });
   return { sha256: sha256File(p), mtimeNs: st.mtimeNs, size: Number(st.size) };
 }
+
+/** The direct maps' counters a daemon logs at unmount ('direct read map closed', debug, JSON). */
+export interface DirectMapCounters {
+  hits: number;
+  misses: number;
+  writes: number;
+  allocs: number;
+  decoded: number;
+  decodedAhead: number;
+}
+
+/** Sums the counters of every direct map in a daemon's JSON log file (--log-level debug --log-json). */
+export function directMapCounters(logFile: string): DirectMapCounters {
+  const sum: DirectMapCounters = { hits: 0, misses: 0, writes: 0, allocs: 0, decoded: 0, decodedAhead: 0 };
+  for (const line of fs.readFileSync(logFile, 'utf8').split('\n')) {
+    if (!line.includes('direct read map closed')) continue;
+    const rec = JSON.parse(line) as Partial<DirectMapCounters>;
+    for (const k of Object.keys(sum) as Array<keyof DirectMapCounters>) sum[k] += rec[k] ?? 0;
+  }
+  return sum;
+}
