@@ -394,10 +394,11 @@ describe('toolkit verbs respect QEMU image locks', () => {
     const img = path.join(dir, 'img.qcow2');
     qemuImg('create', '-q', '-f', 'qcow2', base, '4M');
     qemuImg('create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', img);
-    const holder = spawn('qemu-io', ['-f', 'qcow2', '-c', 'sleep 20000', img], { stdio: 'ignore' });
+    // It sleeps far longer than the test runs (killed below): a loaded machine must not see it let go.
+    const holder = spawn('qemu-io', ['-f', 'qcow2', '-c', 'sleep 600000', img], { stdio: 'ignore' });
     try {
       // Wait until qemu-io holds its locks (qemu-img check then fails too).
-      for (let i = 0; i < 50 && run('qemu-img', ['check', img]).code === 0; i++) await new Promise((r) => setTimeout(r, 100));
+      for (let i = 0; i < 150 && run('qemu-img', ['check', img]).code === 0; i++) await new Promise((r) => setTimeout(r, 100));
       const before = fs.readFileSync(img);
       for (const args of [['check', img], ['check', '-r', 'all', img], ['resize', img, '8M'], ['commit', img]]) {
         const r = qcow2fs(args);
