@@ -65,7 +65,9 @@ const CASES: Case[] = [
     fill: ['write -P 0x51 0 2M', 'write -P 0x52 4M 4k', 'write -z 5M 8k', 'write -z -u 6M 64k'],
   },
   { name: 'v2 (compat=0.10)', opts: 'compat=0.10,cluster_size=64k', unit: 4096, fill: ['write -P 0x61 0 2M'], snapshot: true },
-  { name: 'overlay on a compressed backing file with holes', opts: 'cluster_size=64k', unit: 4096, fill: [], compressedBacking: true },
+  // Only clusters whose backing is a hole are allocatable by the binding (about 52 of them, and
+  // fewer when the engine gets to a cluster first on a loaded machine).
+  { name: 'overlay on a compressed backing file with holes', opts: 'cluster_size=64k', unit: 4096, fill: [], compressedBacking: true, minAllocs: 25 },
   // The last cluster is partial: writes into it allocate a whole host cluster.
   { name: 'odd size (40 MiB + 12 KiB), 64K clusters', opts: 'cluster_size=64k', unit: 4096, fill: ['write -P 0x71 0 1M'], size: SIZE + 12 * 1024 },
 ];
