@@ -182,7 +182,7 @@ class CheckPass {
     this.fileSize = await this.file.size();
     const head = Buffer.alloc(Math.min(HEADER_PROBE_BYTES, this.fileSize));
     await this.file.pread(head, 0);
-    this.header = decodeHeader(head, this.fileSize);
+    this.header = decodeHeader(head, this.fileSize, { l1PastEof: true });
     const h = this.header;
     this.clusterBits = h.clusterBits;
     this.cs = 2 ** h.clusterBits;

@@ -145,9 +145,11 @@ export const HEADER_PROBE_BYTES = 2 ** MAX_CLUSTER_BITS;
 
 /**
  * Decodes and validates the header. `head` holds the file's first bytes (at least the first
- * cluster, or the whole file if shorter); `fileSize` is the file's length.
+ * cluster, or the whole file if shorter); `fileSize` is the file's length. `l1PastEof` lets an
+ * active L1 table lie (partly) past the end of the file, as QEMU's open does (it reads as zeros
+ * there); check uses it to report that as a corruption instead of refusing the image.
  */
-export function decodeHeader(head: Buffer, fileSize: number): Qcow2Header {
+export function decodeHeader(head: Buffer, fileSize: number, opts: { l1PastEof?: boolean } = {}): Qcow2Header {
   if (fileSize < 72 || head.length < 72) throw new ImageError(`file is truncated: ${fileSize} bytes is too short for a qcow2 header`);
   const magic = head.readUInt32BE(0);
   if (magic !== QCOW2_MAGIC) throw new ImageError(`bad magic 0x${magic.toString(16)}: not a qcow2 image`);
@@ -250,7 +252,7 @@ export function decodeHeader(head: Buffer, fileSize: number): Qcow2Header {
   if (h.l1Size < l1Needed) throw new ImageError(`l1_size ${h.l1Size} is too small for size ${h.sizeBytes} (needs ${l1Needed})`);
   if (h.l1Size > 0) {
     if (h.l1TableOffset === 0 || h.l1TableOffset % clusterSize !== 0) throw new ImageError(`l1_table_offset 0x${h.l1TableOffset.toString(16)} is not aligned to the cluster size`);
-    if (h.l1TableOffset + h.l1Size * 8 > fileSize) throw new ImageError(`l1_table_offset 0x${h.l1TableOffset.toString(16)} + l1_size ${h.l1Size} lies past the end of the file (${fileSize} bytes)`);
+    if (!opts.l1PastEof && h.l1TableOffset + h.l1Size * 8 > fileSize) throw new ImageError(`l1_table_offset 0x${h.l1TableOffset.toString(16)} + l1_size ${h.l1Size} lies past the end of the file (${fileSize} bytes)`);
   }
 
   // Refcount table.
