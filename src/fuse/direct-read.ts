@@ -318,9 +318,10 @@ export class DirectReadMap implements MappingObserver {
   /**
    * [reads answered natively, reads handed to the engine, writes done natively, writes handed to
    * the engine, clusters allocated natively, of them not taken yet, pool bytes left, compressed
-   * clusters decoded natively, of them by read-ahead].
+   * clusters decoded natively, of them by read-ahead, reads that waited for room in the
+   * decoded-cluster cache].
    */
-  stats(): [number, number, number, number, number, number, number, number, number] {
+  stats(): [number, number, number, number, number, number, number, number, number, number] {
     return this.native.stats(this.index);
   }
 
@@ -359,7 +360,7 @@ export class DirectReadMap implements MappingObserver {
     this.syncWrites();
     this.closed = true;
     this.dev.observeMappings?.(null);
-    const [hits, misses, writes, writeMisses, allocs, , , decoded, decodedAhead] = this.stats();
-    log.debug({ path: this.path, hits, misses, writes, writeMisses, allocs, decoded, decodedAhead }, 'direct read map closed');
+    const [hits, misses, writes, writeMisses, allocs, , , decoded, decodedAhead, decodeWaits] = this.stats();
+    log.debug({ path: this.path, hits, misses, writes, writeMisses, allocs, decoded, decodedAhead, decodeWaits }, 'direct read map closed');
   }
 }

@@ -87,9 +87,10 @@ declare module 'fuse-native' {
     /**
      * [reads answered natively, reads handed to JS, writes done natively, writes handed to JS,
      * clusters allocated natively, of them not taken yet, pool bytes left, compressed clusters
-     * decoded natively, of them by read-ahead].
+     * decoded natively, of them by read-ahead, reads that waited for room in the decoded-cluster
+     * cache].
      */
-    stats(index: number): [number, number, number, number, number, number, number, number, number];
+    stats(index: number): [number, number, number, number, number, number, number, number, number, number];
     /** Moves native allocations [guest cluster, host offset, ...] from the log into out; the pair count. */
     takeAllocations(index: number, out: Float64Array): number;
     /** Adds fresh host clusters [host, +bytes) of fd to the pool; false when the pool is full. */

@@ -8,6 +8,8 @@
  *   the next `windowBytes` of the disk are decompressed ahead, at most `jobs` at a time. The
  *   native codec runs them on libuv's thread pool, so they decode on the other core while the JS
  *   thread answers FUSE requests; the kernel's own read-ahead sends only a few requests at once.
+ * - At most `maxLoads` clusters decode at once; the other loads wait their turn, so a deep queue
+ *   of reads of big clusters holds a few decoded clusters rather than one per request.
  * - Buffers of evicted clusters are reused for the next loads instead of being left to the
  *   garbage collector (which collects external memory lazily: a sequential read of a compressed
  *   image used to peak ~90 MiB above an uncompressed one). A buffer is recycled only when
@@ -40,6 +42,11 @@ export interface CompressedCacheOptions {
 }
 
 const NOOP = (): void => {};
+/**
+ * Loads at once at most, whatever the cluster size: enough for every libuv thread and core, while
+ * a deep queue of reads of 2 MiB clusters holds a few decoded clusters, not one per request.
+ */
+const MAX_LOADS = 16;
 
 export class CompressedClusterCache {
   /** The LRU of decoded clusters; what it evicts for space is recycled. */
@@ -49,6 +56,10 @@ export class CompressedClusterCache {
   private readonly pins = new Map<number, number>();
   private readonly free: Buffer[] = [];
   private readonly maxFree: number;
+  /** Loads decoding at once at most (each holds a cluster), and those waiting for a turn. */
+  private readonly maxLoads: number;
+  private activeLoads = 0;
+  private readonly turns: Array<() => void> = [];
 
   // Read-ahead state (guest offsets).
   private lastEnd = -1;
@@ -64,7 +75,9 @@ export class CompressedClusterCache {
     private readonly loader: ClusterLoader,
     private readonly lookup: Lookup,
   ) {
-    this.maxFree = Math.max(2, Math.min(8, Math.floor(opts.capacityBytes / opts.clusterSize / 4)));
+    this.maxLoads = Math.min(MAX_LOADS, Math.max(opts.jobs + 2, Math.floor(opts.capacityBytes / opts.clusterSize)));
+    // Room for a buffer per load: random reads of big clusters evict one cluster per load.
+    this.maxFree = Math.max(this.maxLoads, Math.min(8, Math.floor(opts.capacityBytes / opts.clusterSize / 4)));
     this.cache = new TableCache(opts.capacityBytes, () => Promise.reject(new Error('internal: loads go through load()')), (_k, buf) => this.recycle(buf));
   }
 
@@ -177,25 +190,42 @@ export class CompressedClusterCache {
     if (hit) return Promise.resolve(hit);
     const running = this.loading.get(key);
     if (running) return running.promise;
-    const into = this.free.pop() ?? Buffer.allocUnsafeSlow(this.opts.clusterSize);
-    const state: Load = { promise: Promise.resolve(into), stale: false };
-    state.promise = this.loader(key, compressedBytes, into).then(
-      () => {
-        if (!state.stale) {
-          this.loading.delete(key);
-          this.cache.insert(key, into);
-        }
-        return into;
-      },
-      (err: unknown) => {
+    const state: Load = { promise: Promise.resolve(Buffer.alloc(0)), stale: false };
+    state.promise = this.turn().then(async () => {
+      const into = this.free.pop() ?? Buffer.allocUnsafeSlow(this.opts.clusterSize);
+      try {
+        await this.loader(key, compressedBytes, into);
+      } catch (err) {
         if (!state.stale) this.loading.delete(key);
         // Nobody saw this buffer (the loader settles only after the decoder is done with it).
         this.recycle(into);
         throw err;
-      },
-    );
+      } finally {
+        this.endTurn();
+      }
+      if (!state.stale) {
+        this.loading.delete(key);
+        this.cache.insert(key, into);
+      }
+      return into;
+    });
     this.loading.set(key, state);
     return state.promise;
+  }
+
+  /** Resolves when this load may start (fewer than maxLoads are decoding). */
+  private turn(): Promise<void> {
+    if (this.activeLoads < this.maxLoads) {
+      this.activeLoads++;
+      return Promise.resolve();
+    }
+    return new Promise((resolve) => this.turns.push(resolve));
+  }
+
+  private endTurn(): void {
+    const next = this.turns.shift();
+    if (next) next();
+    else this.activeLoads--;
   }
 
   private recycle(buf: Buffer): void {

@@ -94,11 +94,13 @@ export interface DirectMapCounters {
   allocs: number;
   decoded: number;
   decodedAhead: number;
+  /** Reads that waited for room in the decoded-cluster cache. */
+  decodeWaits: number;
 }
 
 /** Sums the counters of every direct map in a daemon's JSON log file (--log-level debug --log-json). */
 export function directMapCounters(logFile: string): DirectMapCounters {
-  const sum: DirectMapCounters = { hits: 0, misses: 0, writes: 0, allocs: 0, decoded: 0, decodedAhead: 0 };
+  const sum: DirectMapCounters = { hits: 0, misses: 0, writes: 0, allocs: 0, decoded: 0, decodedAhead: 0, decodeWaits: 0 };
   for (const line of fs.readFileSync(logFile, 'utf8').split('\n')) {
     if (!line.includes('direct read map closed')) continue;
     const rec = JSON.parse(line) as Partial<DirectMapCounters>;

@@ -55,6 +55,24 @@ describe('CompressedClusterCache', () => {
     }
   });
 
+  it('decodes a bounded number of clusters at once under a deep queue of reads', async () => {
+    let active = 0;
+    let peak = 0;
+    const delay = async (): Promise<void> => {
+      active++;
+      peak = Math.max(peak, active);
+      await new Promise<void>((r) => setTimeout(r, 1));
+      active--;
+    };
+    // 4 clusters of capacity, 2 read-ahead jobs: at most max(jobs + 2, 4) = 4 loads at once.
+    const { cache, loads } = fixture({ capacity: 4 * CS, delay });
+    const ids = Array.from({ length: 64 }, (_, k) => (k * 13) % 64);
+    const got = await Promise.all(ids.map((i) => readCluster(cache, i)));
+    got.forEach((b, k) => expect(b.every((x) => x === ids[k]), `cluster ${ids[k]}`).toBe(true));
+    expect(loads.length).toBe(64);
+    expect(peak).toBe(4);
+  });
+
   it('a failed load reaches every waiting reader and is retried by the next read', async () => {
     let fail = true;
     const cache = new CompressedClusterCache(

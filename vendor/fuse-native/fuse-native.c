@@ -221,9 +221,11 @@ typedef struct {
   uint64_t misses;     // reads handed to JS (atomic, relaxed)
   uint64_t writes;     // writes done here (atomic; JS makes them durable on fsync)
   uint64_t write_misses; // writes handed to JS (atomic, relaxed)
-  // Decoded compressed clusters (allocated on first use), under zlock; zcond: a load ended.
+  // Decoded compressed clusters (allocated on first use), under zlock; zcond: a load ended or an
+  // entry was let go while zwaiting requests wait for room in their set.
   pthread_mutex_t zlock;
   pthread_cond_t zcond;
+  uint32_t zwaiting;
   qcow2fs_zent_t *zents;
   uint32_t zsets;      // the cache's shape and the read-ahead window, set at attach
   uint32_t zways;
@@ -234,6 +236,7 @@ typedef struct {
   uint64_t z_ra_next;  // the next guest offset read-ahead may queue
   uint64_t z_decoded;  // clusters decoded here (atomic, relaxed)
   uint64_t z_ahead;    // of them by read-ahead (atomic, relaxed)
+  uint64_t z_waits;    // reads that waited for room in the cache (under zlock)
 } qcow2fs_fastmap_t;
 
 typedef struct {
@@ -1183,7 +1186,8 @@ static int qcow2fs_run_read (int32_t fd, char *dst, size_t len, uint64_t host) {
  * Helpers count as readers of the map (quiesce and disable wait for them). The host bytes of a
  * compressed cluster change only after the engine frees them, which it does only after quiesce:
  * quiesce empties the cache and starts a new generation, and queued jobs of an older one are
- * dropped. A cluster whose cache set is all in use is decoded for its request alone; a failure
+ * dropped. A request whose cache set is all in use waits until an entry is let go (the cache
+ * bounds the memory decoding takes, however many workers libfuse starts); a failure
  * (no decoder, a corrupt cluster) sends the request to JS, which reports it or reads it itself.
  */
 typedef struct {
@@ -1245,11 +1249,15 @@ static void qcow2fs_z_size (qcow2fs_fastmap_t *m) {
 }
 
 // Under zlock: an entry of hw's set for a new cluster (free, or the least recently used ready
-// one nobody holds), with its buffer; NULL if there is none.
-static qcow2fs_zent_t *qcow2fs_z_claim (qcow2fs_fastmap_t *m, int32_t fdw, uint64_t hw, uint32_t state) {
+// one nobody holds), with its buffer; NULL if there is none (*nomem set when memory ran out).
+static qcow2fs_zent_t *qcow2fs_z_claim (qcow2fs_fastmap_t *m, int32_t fdw, uint64_t hw, uint32_t state, int *nomem) {
+  *nomem = 0;
   if (m->zents == NULL) {
     m->zents = calloc((size_t) m->zsets * m->zways, sizeof(qcow2fs_zent_t));
-    if (m->zents == NULL) return NULL;
+    if (m->zents == NULL) {
+      *nomem = 1;
+      return NULL;
+    }
   }
   qcow2fs_zent_t *set = m->zents + (size_t) qcow2fs_z_set(m, hw) * m->zways;
   qcow2fs_zent_t *v = NULL;
@@ -1265,7 +1273,10 @@ static qcow2fs_zent_t *qcow2fs_z_claim (qcow2fs_fastmap_t *m, int32_t fdw, uint6
   if (v == NULL) return NULL;
   if (v->buf == NULL) {
     v->buf = malloc((size_t) 1 << m->cluster_bits);
-    if (v->buf == NULL) return NULL;
+    if (v->buf == NULL) {
+      *nomem = 1;
+      return NULL;
+    }
   }
   v->fdw = fdw;
   v->hw = hw;
@@ -1295,6 +1306,12 @@ static int qcow2fs_z_load_locked (qcow2fs_fastmap_t *m, qcow2fs_zent_t *e) {
   return ok;
 }
 
+// Under zlock: lets go of a pinned entry; the last pin wakes requests waiting for room.
+static void qcow2fs_z_unpin (qcow2fs_fastmap_t *m, qcow2fs_zent_t *e) {
+  e->pins--;
+  if (e->pins == 0 && m->zwaiting > 0) pthread_cond_broadcast(&m->zcond);
+}
+
 static void *qcow2fs_z_helper (void *arg) {
   (void) arg;
   for (;;) {
@@ -1315,9 +1332,10 @@ static void *qcow2fs_z_helper (void *arg) {
         e->state = QCOW2FS_Z_LOADING;
         e->pins++;
         if (qcow2fs_z_load_locked(m, e)) __atomic_add_fetch(&m->z_ahead, 1, __ATOMIC_RELAXED);
-        e->pins--;
+        qcow2fs_z_unpin(m, e);
       } else {
         e->state = QCOW2FS_Z_FREE;
+        if (m->zwaiting > 0) pthread_cond_broadcast(&m->zcond);
       }
     }
     pthread_mutex_unlock(&m->zlock);
@@ -1367,7 +1385,8 @@ static void qcow2fs_z_readahead (qcow2fs_fastmap_t *m, uint64_t pos, uint64_t en
     if (!qcow2fs_slot_get(m, c, &fd, &host)) break; // not published yet: later
     m->z_ra_next = (c + 1) << cb;
     if (fd < 0 || !(fd & QCOW2FS_SLOT_COMPRESSED) || qcow2fs_z_find(m, fd, host) != NULL) continue;
-    qcow2fs_zent_t *e = qcow2fs_z_claim(m, fd, host, QCOW2FS_Z_QUEUED);
+    int nomem;
+    qcow2fs_zent_t *e = qcow2fs_z_claim(m, fd, host, QCOW2FS_Z_QUEUED, &nomem);
     if (e == NULL) {
       m->z_ra_next = c << cb;
       break;
@@ -1404,20 +1423,32 @@ static void qcow2fs_z_readahead (qcow2fs_fastmap_t *m, uint64_t pos, uint64_t en
 static int qcow2fs_zread (qcow2fs_fastmap_t *m, char *dst, uint64_t in, uint64_t n, int32_t fdw, uint64_t hw) {
   if (__atomic_load_n(&qcow2fs_codec, __ATOMIC_ACQUIRE) == NULL) return 0;
   pthread_mutex_lock(&m->zlock);
-  qcow2fs_zent_t *e = m->zents != NULL ? qcow2fs_z_find(m, fdw, hw) : NULL;
-  int ok = 0;
-  if (e == NULL) {
-    e = qcow2fs_z_claim(m, fdw, hw, QCOW2FS_Z_LOADING);
-    if (e == NULL) {
-      // No room in the cache: decode it for this request alone. (Not a buffer kept per thread:
-      // libfuse starts a worker whenever none is idle, dozens under a deep queue.)
-      pthread_mutex_unlock(&m->zlock);
-      uint8_t *tmp = malloc((size_t) 1 << m->cluster_bits);
-      ok = tmp != NULL && qcow2fs_z_decode(m, fdw, hw, tmp);
-      if (ok) memcpy(dst, tmp + in, n);
-      free(tmp);
-      return ok;
+  qcow2fs_zent_t *e;
+  int claimed = 0;
+  // Every set entry held (being decoded or copied from): wait for one rather than decode into
+  // memory of its own. libfuse starts a worker whenever none is idle, so a deep queue of reads of
+  // big clusters would otherwise hold a decoded cluster per worker (hundreds of MiB with 2 MiB
+  // clusters); this way the cache is all the memory decoding uses.
+  for (;;) {
+    e = m->zents != NULL ? qcow2fs_z_find(m, fdw, hw) : NULL;
+    if (e != NULL) break;
+    int nomem;
+    e = qcow2fs_z_claim(m, fdw, hw, QCOW2FS_Z_LOADING, &nomem);
+    if (e != NULL) {
+      claimed = 1;
+      break;
     }
+    if (nomem) {
+      pthread_mutex_unlock(&m->zlock);
+      return 0;
+    }
+    m->zwaiting++;
+    m->z_waits++;
+    pthread_cond_wait(&m->zcond, &m->zlock);
+    m->zwaiting--;
+  }
+  int ok = 0;
+  if (claimed) {
     e->pins++;
     ok = qcow2fs_z_load_locked(m, e);
   } else {
@@ -1437,7 +1468,7 @@ static int qcow2fs_zread (qcow2fs_fastmap_t *m, char *dst, uint64_t in, uint64_t
     memcpy(dst, e->buf + in, n);
     pthread_mutex_lock(&m->zlock);
   }
-  e->pins--;
+  qcow2fs_z_unpin(m, e);
   pthread_mutex_unlock(&m->zlock);
   return ok;
 }
@@ -1949,7 +1980,7 @@ NAPI_METHOD(qcow2fs_fastmap_stats) {
   NAPI_ARGV_BUFFER_CAST(fuse_thread_t *, ft, 0);
   NAPI_ARGV_UINT32(index, 1);
   qcow2fs_fastmap_t *m = qcow2fs_fastmap_of(ft, index);
-  uint64_t vals[9] = { 0, 0, 0, 0, 0, 0, 0, 0, 0 };
+  uint64_t vals[10] = { 0, 0, 0, 0, 0, 0, 0, 0, 0, 0 };
   if (m != NULL) {
     vals[0] = __atomic_load_n(&m->hits, __ATOMIC_RELAXED);
     vals[1] = __atomic_load_n(&m->misses, __ATOMIC_RELAXED);
@@ -1962,10 +1993,13 @@ NAPI_METHOD(qcow2fs_fastmap_stats) {
     pthread_mutex_unlock(&m->lock);
     vals[7] = __atomic_load_n(&m->z_decoded, __ATOMIC_RELAXED);
     vals[8] = __atomic_load_n(&m->z_ahead, __ATOMIC_RELAXED);
+    pthread_mutex_lock(&m->zlock);
+    vals[9] = m->z_waits;
+    pthread_mutex_unlock(&m->zlock);
   }
   napi_value arr;
-  napi_create_array_with_length(env, 9, &arr);
-  for (uint32_t i = 0; i < 9; i++) {
+  napi_create_array_with_length(env, 10, &arr);
+  for (uint32_t i = 0; i < 10; i++) {
     napi_value v;
     napi_create_double(env, (double) vals[i], &v);
     napi_set_element(env, arr, i, v);
