@@ -1,7 +1,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { need, qcow2fs, qemuImg, qemuIo, removeScratch, run, scratchDir, sha256File } from './support/env';
+import { need, qcow2fs, qemuImg, qemuIo, removeScratch, run, scratchDir, sha256File, withMount } from './support/env';
 
 afterAll(removeScratch);
 
@@ -159,6 +159,68 @@ describe('resize agrees with qemu-img resize', () => {
     }
     expect(qcow2fs(['resize', path.join(dir, 'missing.qcow2'), '1G']).code).toBe(2);
     expect(qcow2fs(['resize', img]).code).toBe(2);
+  });
+
+  it('an overlay grown over a larger backing file reads zeros there, as after qemu-img resize (offline and through the mount)', async () => {
+    need('qemu-img', 'qemu-io', '/dev/fuse');
+    const dir = scratchDir('resize-overlay');
+    const base = path.join(dir, 'base.qcow2');
+    qemuImg('create', '-q', '-f', 'qcow2', base, '64M');
+    qemuIo(base, ['write -P 0xab 0 64M']);
+    // Old sizes on and off cluster boundaries; growing within and past the backing file's end.
+    const cases: Array<{ old: number; grow: number; how: 'resize' | 'truncate' }> = [
+      { old: 32 * M, grow: 64 * M, how: 'resize' },
+      { old: 32 * M + 1536, grow: 60 * M, how: 'truncate' },
+      { old: 20 * M, grow: 100 * M, how: 'truncate' },
+      { old: 8 * M + 512, grow: 80 * M, how: 'resize' },
+    ];
+    for (const [n, c] of cases.entries()) {
+      const ours = path.join(dir, `o${n}.qcow2`);
+      const ref = path.join(dir, `r${n}.qcow2`);
+      qemuImg('create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', ours, String(c.old));
+      qemuIo(ours, ['write -P 0x11 0 1M', `write -P 0x12 ${c.old - 4096} 4096`]);
+      fs.copyFileSync(ours, ref);
+      if (c.how === 'resize') {
+        expect(qcow2fs(['resize', '-q', ours, String(c.grow)]).code).toBe(0);
+      } else {
+        await withMount(ours, [], (raw) => {
+          expect(run('truncate', ['-s', String(c.grow), raw]).code).toBe(0);
+          // Read back at once, through the mount: zeros from the old end on.
+          const fd = fs.openSync(raw, 'r');
+          const got = Buffer.alloc(1 * M);
+          fs.readSync(fd, got, 0, got.length, c.old);
+          fs.closeSync(fd);
+          expect(got.every((x) => x === 0), 'the new area through the mount').toBe(true);
+        });
+      }
+      qemuImg('resize', '-q', ref, String(c.grow));
+      expect({ n, check: run('qemu-img', ['check', ours]).code }).toEqual({ n, check: 0 });
+      expect({ n, same: run('qemu-img', ['compare', ours, ref]).stdout.trim() }).toEqual({ n, same: 'Images are identical.' });
+      expect(qemuImg('map', '--output', 'json', ours)).toBe(qemuImg('map', '--output', 'json', ref));
+    }
+    // Version 2 has no zero clusters: zeros are written (qemu-img refuses this one), never the backing bytes.
+    const v2 = path.join(dir, 'v2.qcow2');
+    qemuImg('create', '-q', '-f', 'qcow2', '-o', 'compat=0.10', '-b', 'base.qcow2', '-F', 'qcow2', v2, '16M');
+    expect(qcow2fs(['resize', '-q', v2, '48M']).code).toBe(0);
+    expect(run('qemu-img', ['check', v2]).code).toBe(0);
+    const r = run('qemu-io', ['-r', '-c', 'read -P 0 16M 32M', '-c', 'read -P 0xab 0 16M', v2]);
+    expect(r.stdout + r.stderr).not.toMatch(/Pattern verification failed|error/i);
+  });
+
+  it('truncate through the mount refuses to resize a version 2 image with snapshots, as qemu-img does', async () => {
+    need('qemu-img', '/dev/fuse');
+    const dir = scratchDir('resize-v2-mount');
+    const v2 = path.join(dir, 'v2.qcow2');
+    qemuImg('create', '-q', '-f', 'qcow2', '-o', 'compat=0.10', v2, '8M');
+    qemuImg('snapshot', '-c', 's', v2);
+    await withMount(v2, [], (raw) => {
+      const t = run('truncate', ['-s', '16M', raw]);
+      expect(t.code).not.toBe(0);
+      expect(t.stderr).toMatch(/Operation not supported/);
+      expect(fs.statSync(raw).size).toBe(8 * M);
+    });
+    expect(vsize(v2)).toBe(8 * M);
+    expect(run('qemu-img', ['snapshot', '-a', 's', v2]).code).toBe(0);
   });
 
   it('raw images grow and shrink like qemu-img', () => {

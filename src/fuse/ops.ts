@@ -5,7 +5,7 @@
  */
 import type FuseTypes from 'fuse-native';
 import Fuse from './binding';
-import { ReadOnlyError } from '../errors';
+import { ReadOnlyError, UsageError } from '../errors';
 import type { BlockDevice } from '../image/blockdev';
 import { log } from '../log';
 import type { DirectReadMap } from './direct-read';
@@ -96,10 +96,14 @@ export function makeOps(layout: Layout, opts: OpsOptions, state: OpsState = { op
       log.warn({ path }, `refusing to shrink ${dev.description} from ${dev.size} to ${size} bytes (use "qcow2fs resize --shrink" offline)`);
       return cb(Fuse.EINVAL);
     }
-    dev.resize(size).then(
-      resized,
-      (err) => cb(errno(err, 'truncate', path)),
-    );
+    dev.resize(size).then(resized, (err) => {
+      // A size this image cannot take (a version 2 image with snapshots, an L1 table too big).
+      if (err instanceof UsageError) {
+        log.warn({ path }, err.message);
+        return cb(Fuse.EOPNOTSUPP);
+      }
+      cb(errno(err, 'truncate', path));
+    });
   }
 
   /** Writes the binding did itself reach the device (its flush syncs them) and the file's mtime. */

@@ -91,6 +91,8 @@ export class Qcow2Writer {
   private readonly dirtyL2 = new Set<number>();
   private readonly dirtyL1 = new Set<number>();
   private pendingFrees: { offset: number; bytes: number }[] = [];
+  /** During a resize that zeroes the new area: whole clusters below this get the zero flag even where no backing file shows through. */
+  private zeroFlagsBelow = 0;
   /**
    * Data writes completed so far, and how many of them the last flush covered. A flush makes
    * durable what had completed when it started; a write that completes while it runs (the fast
@@ -334,7 +336,7 @@ export class Qcow2Writer {
     for (let gc = firstCluster; gc <= lastCluster; gc++) {
       const l2Index = gc - l1Index * g.l2Entries;
       const e = this.entryAt(table, l2Index);
-      const showsBacking = gc * cs < backingEnd;
+      const showsBacking = gc * cs < backingEnd || gc * cs < this.zeroFlagsBelow;
       if (!e.compressed && e.host === 0) {
         // Already zeros? Unallocated without backing data, or zero flag / all zero bits.
         const allZeroBits = g.extendedL2 && e.zeroBits === 0xffffffff;
@@ -1105,61 +1107,111 @@ export class Qcow2Writer {
 
   // ---------------------------------------------------------------- resize
 
-  /** Grows the virtual disk to newSize bytes (shrinking is refused). */
-  resize(newSize: number): Promise<void> {
-    return this.lock.run(async () => {
+  /**
+   * Grows the virtual disk to newSize bytes (shrinking is refused). Where a backing file reaches
+   * past the old end (an overlay smaller than its backing file, or one shrunk before), the new
+   * area is made to read as zeros, as QEMU's truncate does, rather than showing the backing
+   * file's old bytes: zero clusters (version 3), or zeros written where the backing file covers
+   * it (version 2, which has no zero clusters; qemu-img refuses that resize). In QEMU's
+   * order: the L1 table grows first (the header keeps the old size), then the area is zeroed,
+   * then the header takes the new size; a crash in between leaves the old disk.
+   */
+  async resize(newSize: number): Promise<void> {
+    const img = this.img;
+    let oldSize = 0;
+    let zeroEnd = 0;
+    await this.lock.run(async () => {
       this.check();
-      const img = this.img;
-      if (newSize < img.size) throw new UsageError(`shrinking ${img.file.path} from ${img.size} to ${newSize} bytes is not supported`);
+      oldSize = img.size;
+      if (newSize < oldSize) throw new UsageError(`shrinking ${img.file.path} from ${oldSize} to ${newSize} bytes is not supported`);
       if (newSize % 512 !== 0) throw new UsageError(`the new size ${newSize} is not a multiple of 512 bytes`);
-      if (newSize === img.size) return;
-      const rc = await this.prepare();
-      const l1 = img.l1;
-      const newL1Size = Math.ceil(newSize / this.bytesPerL2);
-      const h = img.header;
-      if (newL1Size > l1.l2Offsets.length) {
-        if (newL1Size * 8 > 32 * 1024 * 1024) throw new UsageError(`size ${newSize} needs an L1 table above 32 MiB`);
-        const capacity = Math.ceil((l1.l2Offsets.length * 8) / this.cs) * this.cs / 8;
-        const offsets = new Float64Array(newL1Size);
-        offsets.set(l1.l2Offsets);
-        const copied = new Uint8Array(newL1Size);
-        copied.set(l1.copied);
-        const oldOffset = l1.tableOffset;
-        const oldClusters = Math.ceil((l1.l2Offsets.length * 8) / this.cs);
-        l1.l2Offsets = offsets;
-        l1.copied = copied;
-        if (newL1Size <= capacity && l1.l2Offsets.length > 0 && oldOffset !== 0) {
-          for (let i = 0; i < newL1Size; i++) this.dirtyL1.add(i);
-          await this.flushLocked();
-        } else {
-          await this.flushLocked();
-          const clusters = Math.ceil((newL1Size * 8) / this.cs);
-          const at = await rc.allocate(clusters);
-          img.noteFileEnd(rc.endBytes);
-          l1.tableOffset = at;
-          const buf = Buffer.alloc(clusters * this.cs);
-          for (let i = 0; i < newL1Size; i++) writeEntry(buf, i * 8, offsets[i]!, copied[i] === 1);
-          await img.file.pwrite(buf, at);
-          await rc.persist();
-          img.setRegion('L1 table', at, clusters * this.cs);
-          if (oldOffset !== 0 && oldClusters > 0) this.pendingFrees.push({ offset: oldOffset, bytes: oldClusters * this.cs });
-        }
+      if (newSize === oldSize) return;
+      if (img.header.version === 2 && img.snapshots.length > 0) {
+        throw new UsageError(`${img.file.path}: a version 2 image with snapshots cannot be resized (its snapshots do not record their size)`);
       }
-      // size, l1_size and l1_table_offset in one write (header bytes 24..47).
-      const b = Buffer.alloc(24);
-      b.writeBigUInt64BE(BigInt(newSize), 0);
-      b.writeUInt32BE(h.cryptMethod, 8);
-      b.writeUInt32BE(l1.l2Offsets.length, 12);
-      b.writeBigUInt64BE(BigInt(l1.tableOffset), 16);
-      await img.file.pwrite(b, 24);
-      await img.file.flush();
-      h.sizeBytes = newSize;
-      h.l1Size = l1.l2Offsets.length;
-      h.l1TableOffset = l1.tableOffset;
-      img.setSize(newSize);
-      this.writesDone++; // the header changed: make sure the flush below runs
-      await this.flushLocked();
+      await this.growL1(newSize);
+      // QEMU zeroes the whole new area when the backing file reaches past the old end; a version 2
+      // image only the part the backing file covers (zeros written: past it reads zeros anyway).
+      if (img.backing && img.backing.size > oldSize) zeroEnd = img.header.version === 2 ? Math.min(newSize, img.backing.size) : newSize;
+      if (zeroEnd > oldSize) img.setSize(newSize); // the zeroing below writes past the old end
+      else await this.writeSize(newSize);
     });
+    if (zeroEnd <= oldSize) return;
+    this.zeroFlagsBelow = zeroEnd; // zero clusters past the backing file's end too, as QEMU's
+    try {
+      await this.writeZeroes(oldSize, zeroEnd - oldSize);
+    } catch (err) {
+      if (img.header.sizeBytes === oldSize) img.setSize(oldSize);
+      throw err;
+    } finally {
+      this.zeroFlagsBelow = 0;
+    }
+    await this.lock.run(async () => {
+      this.check();
+      await this.flushLocked(); // the zeros are durable before the header shows them
+      await this.writeSize(newSize);
+    });
+  }
+
+  /** Under the lock: an L1 table (and l1_size in the header) for a disk of newSize bytes. */
+  private async growL1(newSize: number): Promise<void> {
+    const img = this.img;
+    const rc = await this.prepare();
+    const l1 = img.l1;
+    const newL1Size = Math.ceil(newSize / this.bytesPerL2);
+    if (newL1Size <= l1.l2Offsets.length) return;
+    if (newL1Size * 8 > 32 * 1024 * 1024) throw new UsageError(`size ${newSize} needs an L1 table above 32 MiB`);
+    const capacity = Math.ceil((l1.l2Offsets.length * 8) / this.cs) * this.cs / 8;
+    const offsets = new Float64Array(newL1Size);
+    offsets.set(l1.l2Offsets);
+    const copied = new Uint8Array(newL1Size);
+    copied.set(l1.copied);
+    const oldOffset = l1.tableOffset;
+    const oldClusters = Math.ceil((l1.l2Offsets.length * 8) / this.cs);
+    l1.l2Offsets = offsets;
+    l1.copied = copied;
+    if (newL1Size <= capacity && l1.l2Offsets.length > 0 && oldOffset !== 0) {
+      for (let i = 0; i < newL1Size; i++) this.dirtyL1.add(i);
+      await this.flushLocked();
+    } else {
+      await this.flushLocked();
+      const clusters = Math.ceil((newL1Size * 8) / this.cs);
+      const at = await rc.allocate(clusters);
+      img.noteFileEnd(rc.endBytes);
+      l1.tableOffset = at;
+      const buf = Buffer.alloc(clusters * this.cs);
+      for (let i = 0; i < newL1Size; i++) writeEntry(buf, i * 8, offsets[i]!, copied[i] === 1);
+      await img.file.pwrite(buf, at);
+      await rc.persist();
+      img.setRegion('L1 table', at, clusters * this.cs);
+      if (oldOffset !== 0 && oldClusters > 0) this.pendingFrees.push({ offset: oldOffset, bytes: oldClusters * this.cs });
+    }
+    await this.writeSizeFields(img.header.sizeBytes);
+  }
+
+  /** Under the lock: the header takes the new size, durably. */
+  private async writeSize(newSize: number): Promise<void> {
+    await this.writeSizeFields(newSize);
+    this.img.setSize(newSize);
+    this.writesDone++; // the header changed: make sure the flush below runs
+    await this.flushLocked();
+  }
+
+  /** size, l1_size and l1_table_offset in one write (header bytes 24..47), then a flush. */
+  private async writeSizeFields(size: number): Promise<void> {
+    const img = this.img;
+    const h = img.header;
+    const l1 = img.l1;
+    const b = Buffer.alloc(24);
+    b.writeBigUInt64BE(BigInt(size), 0);
+    b.writeUInt32BE(h.cryptMethod, 8);
+    b.writeUInt32BE(l1.l2Offsets.length, 12);
+    b.writeBigUInt64BE(BigInt(l1.tableOffset), 16);
+    await img.file.pwrite(b, 24);
+    await img.file.flush();
+    h.sizeBytes = size;
+    h.l1Size = l1.l2Offsets.length;
+    h.l1TableOffset = l1.tableOffset;
   }
 
   // ---------------------------------------------------------------- close
