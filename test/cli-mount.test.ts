@@ -193,6 +193,28 @@ describe('mount errors are one line', () => {
     expect(isMounted(mp)).toBe(false);
     expect(daemonPids(mp)).toEqual([]);
   });
+
+  it('exit status 2 for what the user can fix, 1 for a bad image (README "Exit codes"), from the shell and the Node launcher', async () => {
+    const dir = scratchDir('codes');
+    const img = smallImage(dir);
+    const bad = path.join(dir, 'truncated.qcow2');
+    fs.writeFileSync(bad, fs.readFileSync(img).subarray(0, 100));
+    const hostile = path.join(dir, 'hostile.qcow2');
+    const h = Buffer.from(fs.readFileSync(img));
+    h.writeBigUInt64BE(1n << 50n, 40); // l1_table_offset far past the end of the file
+    fs.writeFileSync(hostile, h);
+    const mp = scratchDir('mnt');
+    for (const launch of [(a: string[]) => qcow2fs(a), (a: string[]) => run(process.execPath, [path.join(REPO, 'dist', 'cli', 'main.js'), ...a])]) {
+      expect(launch(['mount', bad, mp]).code, 'truncated image').toBe(1);
+      expect(launch(['mount', hostile, mp]).code, 'hostile image').toBe(1);
+      expect(launch(['mount', path.join(dir, 'missing.qcow2'), mp]).code, 'missing image').toBe(2);
+      expect(launch(['mount', img, path.join(dir, 'no-such-dir')]).code, 'missing mountpoint').toBe(2);
+      expect(isMounted(mp)).toBe(false);
+    }
+    await withMount(img, ['--read-only'], (_raw, busy) => {
+      expect(qcow2fs(['mount', img, busy]).code, 'busy mountpoint').toBe(2);
+    });
+  });
 });
 
 describe('argument errors of every verb are one line with the details', () => {

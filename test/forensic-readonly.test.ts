@@ -134,6 +134,11 @@ describe('--forensic', () => {
     expect(isMounted(mp)).toBe(false);
     forceCleanup(mp);
 
+    // The option before the image and mountpoint takes one value, not them too.
+    const early = qcow2fs(['mount', '--forensic', '--allow-backing', other, img, mp]);
+    expect(early.code, early.stderr).toBe(0);
+    expect(sha256File(path.join(mp, 'suspect.raw'))).toBe(want);
+    expect(qcow2fs(['umount', mp]).code).toBe(0);
     await withMount(img, ['--forensic', '--allow-backing', other], (raw, mnt) => {
       expect(sha256File(raw)).toBe(want);
       const info = JSON.parse(fs.readFileSync(path.join(mnt, 'info.json'), 'utf8')) as Json;

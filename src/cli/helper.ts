@@ -24,7 +24,7 @@ const GENERIC_PREFIXES = ['x-', 'X-', 'comment=', 'fsname=', 'subtype=', 'uhelpe
 
 const QCOW2FS_OPTIONS =
   'ro, rw, snapshot=NAME, overlay=FILE, all_snapshots, forensic, allow_backing=DIR, force_share, format=FMT, ' +
-  'l2_cache_size=SIZE, allow_other, log_level=LEVEL, log_file=FILE';
+  'l2_cache_size=SIZE, read_ahead=SIZE, allow_other, log_level=LEVEL, log_file=FILE';
 
 /** Splits an -o list on commas, keeping "quoted" values and backslash-escaped commas whole. */
 export function splitOptions(list: string): string[] {

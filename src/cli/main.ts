@@ -66,6 +66,9 @@ export function buildCli(args: string[]): Argv<GlobalArgs> {
     .strict()
     .demandCommand(1, 'give a command; see --help')
     .recommendCommands()
+    // An array option takes one value per use (--allow-backing A --allow-backing B), so it never
+    // swallows the image and mountpoint after it.
+    .parserConfiguration({ 'greedy-arrays': false })
     .wrap(Math.min(110, process.stdout.columns || 100)) as unknown as Argv<GlobalArgs>;
   for (const o of GLOBAL_OPTIONS) y = y.option(o.name, { type: o.type, describe: o.describe, global: true }) as unknown as Argv<GlobalArgs>;
   // Only the verb being run, unless there is none to see (help, a typo): then all of them.

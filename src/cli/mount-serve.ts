@@ -11,7 +11,7 @@ import { parseFormat } from '../image/probe';
 import { openSnapshotViews } from '../image/snapshot-views';
 import { log } from '../log';
 import type { SnapshotEntry } from '../qcow2/snapshot';
-import { parseSize } from './common';
+import { formatError, parseSize } from './common';
 import { planMount, type MountArgs, type MountPlan } from './mount';
 
 function metaOf(st: fs.Stats): NodeMeta {
@@ -96,7 +96,7 @@ export async function serve(argv: MountArgs, tell?: (msg: ReadyMessage) => void)
   } catch (err) {
     if (opened) await opened.device.close().catch(() => undefined);
     if (report) {
-      report({ error: err instanceof Error ? err.message : String(err) });
+      report({ error: err instanceof Error ? err.message : String(err), code: formatError(err).code });
       process.exit(1);
     }
     throw err;

@@ -88,9 +88,9 @@ export function relayMain(relay: { daemonOf: string; fd: number; args: string[] 
   const { serve } = require('./mount-serve') as typeof import('./mount-serve');
   void runCommand<MountArgs>((a) =>
     serve(a, (msg) => {
-      // The launcher reports a daemon's error as a usage error (launchDaemon).
+      // The exit status the launcher gives a daemon's error (launchDaemon).
       if (msg.ok) tell('0\n', true);
-      else tell(`${EXIT_USAGE}\nqcow2fs: ${msg.error ?? 'daemon failed to mount'}\n`, false);
+      else tell(`${msg.code ?? EXIT_USAGE}\nqcow2fs: ${msg.error ?? 'daemon failed to mount'}\n`, false);
     }),
   )(daemonArgs);
 }

@@ -6,11 +6,13 @@
  */
 import { spawn } from 'node:child_process';
 import * as fs from 'node:fs';
-import { UsageError } from '../errors';
+import { ImageError, UsageError } from '../errors';
 
 export interface ReadyMessage {
   ok?: boolean;
   error?: string;
+  /** The exit status the error means (README "Exit codes"): 2 usage, 1 anything else. */
+  code?: number;
 }
 
 /**
@@ -65,6 +67,7 @@ export function launchDaemon(script: string, args: string[]): Promise<number> {
         return;
       }
       if (msg.ok) finish(null);
+      else if (msg.code === 1) finish(new ImageError(msg.error ?? 'daemon failed to mount'));
       else finish(new UsageError(msg.error ?? 'daemon failed to mount'));
     });
     child.on('error', (err) => finish(new Error(`cannot start the daemon: ${err.message}`)));
