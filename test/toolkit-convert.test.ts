@@ -166,4 +166,54 @@ describe('convert', () => {
     expect(fs.readFileSync(src.path).equals(before)).toBe(true);
     expect(fs.readdirSync(dir).filter((f) => f.startsWith('x.'))).toEqual([]);
   });
+
+  it('outputs that are not regular files: raw onto a block device in place (zeros too); devices and FIFOs never removed', () => {
+    need('qemu-img', 'qemu-io', 'losetup', '/dev/loop-control', 'root', 'mknod', 'mkfifo');
+    const dir = scratchDir('conv-dev');
+    const src = path.join(dir, 'src.qcow2');
+    qemuImg('create', '-q', '-f', 'qcow2', src, '8M');
+    qemuIo(src, ['write -P 0x3c 1M 2M', 'write -z 4M 1M']);
+    const want = path.join(dir, 'want.raw');
+    qemuImg('convert', '-O', 'raw', src, want);
+    const backing = path.join(dir, 'dev.img');
+    fs.writeFileSync(backing, Buffer.alloc(12 * 1024 * 1024, 0xee)); // old bytes that must not show through
+    const small = path.join(dir, 'small.img');
+    fs.writeFileSync(small, Buffer.alloc(4 * 1024 * 1024, 0xee));
+    const lo = run('losetup', ['-f', '--show', backing]).stdout.trim();
+    const loSmall = run('losetup', ['-f', '--show', small]).stdout.trim();
+    try {
+      expect(lo).toMatch(/^\/dev\/loop\d+$/);
+      convert(['-O', 'raw', src, lo]);
+      const got = Buffer.alloc(8 * 1024 * 1024);
+      const fd = fs.openSync(lo, 'r');
+      fs.readSync(fd, got, 0, got.length, 0);
+      fs.closeSync(fd);
+      expect(got.equals(fs.readFileSync(want)), 'the device holds the disk').toBe(true);
+      expect(fs.statSync(lo).isBlockDevice()).toBe(true);
+      // info sees the device's size, as qemu-img does.
+      const info = JSON.parse(qcow2fs(['info', '--output', 'json', lo]).stdout) as { 'virtual-size': number };
+      expect(info['virtual-size']).toBe(12 * 1024 * 1024);
+      // Refused, one line, the node left alone: qcow2 onto a device, a device too small, resize of a device.
+      for (const args of [['convert', '-O', 'qcow2', src, lo], ['create', '-q', lo, '1M'], ['convert', '-O', 'raw', src, loSmall], ['resize', '-f', 'raw', lo, '64M']]) {
+        const r = qcow2fs(args);
+        expect({ args, code: r.code }).toEqual({ args, code: 2 });
+        expect(r.stderr.trim().split('\n')).toHaveLength(1);
+      }
+      expect([lo, loSmall].map((d) => fs.statSync(d).isBlockDevice())).toEqual([true, true]);
+    } finally {
+      run('losetup', ['-d', lo]);
+      run('losetup', ['-d', loSmall]);
+    }
+    const chr = path.join(dir, 'null');
+    expect(run('mknod', ['-m', '666', chr, 'c', '1', '3']).code).toBe(0);
+    const fifo = path.join(dir, 'fifo');
+    expect(run('mkfifo', [fifo]).code).toBe(0);
+    for (const args of [['convert', '-O', 'raw', src, chr], ['convert', '-O', 'qcow2', src, fifo], ['create', '-q', '-f', 'raw', chr, '1M'], ['create', '-q', fifo, '1M']]) {
+      const r = qcow2fs(args);
+      expect({ args, code: r.code }).toEqual({ args, code: 2 });
+      expect(r.stderr).toMatch(/is a (character device|FIFO); the output must be a regular file or a block device/);
+    }
+    expect(fs.statSync(chr).isCharacterDevice()).toBe(true);
+    expect(fs.statSync(fifo).isFIFO()).toBe(true);
+  });
 });

@@ -6,6 +6,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import type { Argv } from 'yargs';
 import { describeSystemError, UsageError } from '../errors';
+import { outputKind } from '../io/file';
 import { openImage, resolveBackingPath } from '../image/open';
 import { compressionTypeByName, DEFAULT_CLUSTER_BITS, validateCreateOptions, type Preallocation, type Qcow2CreateOptions } from '../qcow2/create';
 import { createQcow2, preallocateExtents } from '../qcow2/create-image';
@@ -107,6 +108,7 @@ async function backingInfo(image: string, backing: string, format: string | unde
 }
 
 async function createRaw(image: string, sizeBytes: number, prealloc: Preallocation, progress?: (f: number) => void): Promise<void> {
+  if (outputKind(image) === 'block-device') throw new UsageError(`${image}: is a block device; create makes image files`);
   let fh: fs.promises.FileHandle;
   try {
     fh = await fs.promises.open(image, 'w', 0o644);

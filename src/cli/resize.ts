@@ -73,6 +73,7 @@ export function registerResize(y: Argv<GlobalArgs>): Argv<GlobalArgs> {
         format = (argv.format as ImageFormat | undefined) ?? probeFormat(head, argv.image);
         lockImageFile(file, lockProfile({ writable: true, format }));
         if (format === 'raw') {
+          if ((await file.stat()).isBlockDevice()) throw new UsageError(`${argv.image}: is a block device, whose size resize cannot change`);
           const current = await file.size();
           const want = targetSize(current, sizeText);
           if (want < current && !argv.shrink) throw new UsageError('use --shrink to make the image smaller (data past the new end is lost)');

@@ -6,6 +6,7 @@
  */
 import * as fs from 'node:fs';
 import { describeSystemError, UsageError } from '../errors';
+import { blockDeviceBytes, outputKind } from '../io/file';
 import { compressCluster } from '../qcow2/codec';
 import type { Qcow2CreateOptions } from '../qcow2/create';
 import { Qcow2LayoutWriter } from '../qcow2/layout-writer';
@@ -134,20 +135,30 @@ function padCluster(data: Buffer, cs: number): Buffer {
   return data.length === cs ? data : Buffer.concat([data, Buffer.alloc(cs - data.length)]);
 }
 
-/** A sparse raw copy: zero runs of RAW_SPARSE_BYTES and more stay holes. */
+/**
+ * A sparse raw copy: zero runs of RAW_SPARSE_BYTES and more stay holes. A block device as the
+ * output is written in place, zeros included (what it held before must not show through), and
+ * must be at least as large as the disk; it is never truncated or removed.
+ */
 export async function convertToRaw(src: BlockDevice, dst: string, progress?: ConvertProgress): Promise<ConvertStats> {
+  const device = outputKind(dst) === 'block-device';
   let fh: fs.promises.FileHandle;
   try {
-    fh = await fs.promises.open(dst, 'w', 0o644);
+    fh = await fs.promises.open(dst, device ? 'r+' : 'w', 0o644);
   } catch (err) {
     throw new UsageError(describeSystemError(err, dst));
   }
   const stats: ConvertStats = { dataClusters: 0, compressedClusters: 0, zeroClustersDropped: 0 };
   try {
-    await fh.truncate(src.size);
+    if (device) {
+      const room = blockDeviceBytes(await fh.stat());
+      if (room < src.size) throw new UsageError(`${dst}: the block device holds ${room} bytes, less than the disk's ${src.size}`);
+    } else {
+      await fh.truncate(src.size);
+    }
     const g = RAW_SPARSE_BYTES;
     const zero = Buffer.alloc(g);
-    const ranges = await dataRanges(src, g);
+    const ranges: Array<[number, number]> = device ? [[0, src.size]] : await dataRanges(src, g);
     const total = ranges.reduce((a, [s, e]) => a + e - s, 0);
     let done = 0;
     for (const [start, end] of ranges) {
@@ -163,7 +174,7 @@ export async function convertToRaw(src: BlockDevice, dst: string, progress?: Con
           runStart = -1;
         };
         for (let off = 0; off < len; off += g) {
-          const blockIsData = !isZero(buf.subarray(off, Math.min(off + g, len)), zero);
+          const blockIsData = device || !isZero(buf.subarray(off, Math.min(off + g, len)), zero);
           if (blockIsData && runStart < 0) runStart = off;
           else if (!blockIsData && runStart >= 0) await writeRun(off);
         }
@@ -177,7 +188,7 @@ export async function convertToRaw(src: BlockDevice, dst: string, progress?: Con
     return stats;
   } catch (err) {
     await fh.close().catch(() => undefined);
-    await fs.promises.rm(dst, { force: true }).catch(() => undefined);
+    if (!device) await fs.promises.rm(dst, { force: true }).catch(() => undefined);
     throw err;
   } finally {
     await fh.close().catch(() => undefined);

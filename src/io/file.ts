@@ -5,6 +5,7 @@
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
+import { describeSystemError, UsageError } from '../errors';
 
 export interface HostFile {
   readonly path: string;
@@ -25,6 +26,43 @@ export interface HostFile {
   stat(): Promise<fs.Stats>;
   close(): Promise<void>;
   readonly fd: number;
+}
+
+/**
+ * The size of a block device (fstat gives 0 for one): its 512-byte sectors in sysfs, found by
+ * device number. 0 when sysfs does not say.
+ */
+export function blockDeviceBytes(st: fs.Stats): number {
+  // glibc's dev_t: major in bits 8-19 and 44-63, minor in bits 0-7 and 20-43.
+  const dev = BigInt(st.rdev);
+  const major = ((dev >> 8n) & 0xfffn) | ((dev >> 32n) & ~0xfffn);
+  const minor = (dev & 0xffn) | ((dev >> 12n) & ~0xffn);
+  try {
+    const sectors = Number(fs.readFileSync(`/sys/dev/block/${major}:${minor}/size`, 'utf8').trim());
+    return Number.isSafeInteger(sectors) && sectors >= 0 ? sectors * 512 : 0;
+  } catch {
+    return 0;
+  }
+}
+
+/**
+ * What an output path (convert, create) is: missing, a regular file (both written, and removed
+ * again if the command fails), a block device (written in place, never removed or truncated),
+ * or something else, refused before anything is opened: a character device, FIFO, socket or
+ * directory is never written to, and never removed.
+ */
+export function outputKind(path: string): 'missing' | 'file' | 'block-device' {
+  let st: fs.Stats;
+  try {
+    st = fs.statSync(path);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return 'missing';
+    throw new UsageError(describeSystemError(err, path));
+  }
+  if (st.isFile()) return 'file';
+  if (st.isBlockDevice()) return 'block-device';
+  const what = st.isDirectory() ? 'a directory' : st.isCharacterDevice() ? 'a character device' : st.isFIFO() ? 'a FIFO' : st.isSocket() ? 'a socket' : 'not a regular file';
+  throw new UsageError(`${path}: is ${what}; the output must be a regular file or a block device`);
 }
 
 function readOnce(fd: number, buf: Uint8Array, off: number, len: number, pos: number): Promise<number> {
@@ -228,7 +266,8 @@ export class FdFile implements HostFile {
   }
 
   async size(): Promise<number> {
-    return (await this.stat()).size;
+    const st = await this.stat();
+    return st.isBlockDevice() ? blockDeviceBytes(st) : st.size;
   }
 
   stat(): Promise<fs.Stats> {

@@ -11,7 +11,7 @@
  */
 import * as fs from 'node:fs';
 import { describeSystemError, UsageError } from '../errors';
-import { FdFile } from '../io/file';
+import { FdFile, outputKind } from '../io/file';
 import { encodeCompressedDescriptor, OFLAG_COMPRESSED_HI, OFLAG_ZERO_LO, writeEntry } from './l2';
 import { encodeHeaderCluster, l1EntriesFor, type Qcow2CreateOptions } from './create';
 import { refcountEntriesPerBlock, refcountMax, setRefcount } from './refcount-decode';
@@ -62,6 +62,8 @@ export class Qcow2LayoutWriter {
 
   /** Creates (or truncates) `path`. The caller validated `opts`. */
   static async create(path: string, opts: Qcow2CreateOptions): Promise<Qcow2LayoutWriter> {
+    // Only a regular file (or a new one): abort() removes what it wrote.
+    if (outputKind(path) === 'block-device') throw new UsageError(`${path}: is a block device; a qcow2 image is written to a regular file (raw output can go to a device)`);
     let file: FdFile;
     try {
       file = await FdFile.create(path, false);

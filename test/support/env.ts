@@ -17,6 +17,7 @@ const TOOL_PACKAGE: Record<string, string> = {
   sfdisk: 'fdisk', fdisk: 'fdisk', 'mkfs.ext4': 'e2fsprogs', e2fsck: 'e2fsprogs', debugfs: 'e2fsprogs',
   resize2fs: 'e2fsprogs', losetup: 'util-linux', partx: 'util-linux', mount: 'mount', umount: 'mount',
   mmls: 'sleuthkit', fls: 'sleuthkit', fio: 'fio', 'qemu-storage-daemon': 'qemu-system-common', pgrep: 'procps',
+  mknod: 'coreutils', mkfifo: 'coreutils',
 };
 
 function hasCommand(name: string): boolean {
