@@ -146,6 +146,9 @@ const damages: Damage[] = [
   },
   // QEMU opens it (the table reads as zeros there) and reports a corruption: so must check.
   { name: 'active L1 table past the end of the file', make: (b) => b.setU64(40, 10n << 30n), repairable: false },
+  // Offsets no file reaches (past 2^53, where pread stops): read as zeros, reported as QEMU does.
+  { name: 'L1 entry pointing past 2^53', make: (b) => b.setU64(b.l1, 0x80ffffffffff0000n), repairable: false },
+  { name: 'refcount table entry at 2^56 (the file cannot grow there: rebuilt)', make: (b) => b.setU64(b.reftable + 8, 1n << 56n), repairable: true, rebuilds: true },
   { name: 'L1 entry not cluster aligned', make: (b) => b.setU64(b.l1, b.u64(b.l1) + 512n), repairable: false },
   { name: 'two L2 entries to one cluster', make: (b) => b.setU64(b.l2e(17), b.u64(b.l2e(16))), repairable: true },
   { name: 'L2 entry past the end of the file', make: (b) => b.setU64(b.l2e(20), COPIED | (1000n << 16n)), repairable: false },

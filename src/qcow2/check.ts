@@ -172,6 +172,18 @@ class CheckPass {
   private get fixErrors(): boolean {
     return this.fix === 'all';
   }
+  /**
+   * Reads at a table offset taken from the file: bytes past its end read as zeros (as QEMU's
+   * reads do), also at offsets no file can reach (up to 2^56, past what pread takes).
+   */
+  private async readAt(buf: Buffer, offset: number): Promise<void> {
+    if (offset + buf.length > Number.MAX_SAFE_INTEGER) {
+      buf.fill(0);
+      return;
+    }
+    await this.file.pread(buf, offset);
+  }
+
   private get fixLeaks(): boolean {
     return this.fix !== 'none';
   }
@@ -190,12 +202,12 @@ class CheckPass {
     this.refsPerBlock = refcountEntriesPerBlock(h.clusterBits, h.refcountOrder);
 
     const rt = Buffer.alloc(h.refcountTableClusters * this.cs);
-    await this.file.pread(rt, h.refcountTableOffset);
+    await this.readAt(rt, h.refcountTableOffset);
     this.reftable = [];
     for (let i = 0; i < rt.length; i += 8) this.reftable.push(rt.readBigUInt64BE(i));
 
     const l1 = Buffer.alloc(h.l1Size * 8);
-    if (h.l1Size > 0) await this.file.pread(l1, h.l1TableOffset);
+    if (h.l1Size > 0) await this.readAt(l1, h.l1TableOffset);
     const hi = new Uint32Array(h.l1Size);
     const lo = new Uint32Array(h.l1Size);
     for (let i = 0; i < h.l1Size; i++) {
@@ -215,7 +227,7 @@ class CheckPass {
     if (h.nbSnapshots === 0) return;
     const want = Math.min(this.fileSize - h.snapshotsOffset, 64 * 1024 * 1024);
     const table = Buffer.alloc(Math.max(0, want));
-    await this.file.pread(table, h.snapshotsOffset);
+    await this.readAt(table, h.snapshotsOffset);
     let off = 0;
     for (let i = 0; i < h.nbSnapshots; i++) {
       if (off + 40 > table.length) throw new CheckFailure(`snapshot table entry ${i} lies past the end of the file`);
@@ -270,7 +282,7 @@ class CheckPass {
     const eb = extended ? 16 : 8;
     const n = this.cs / eb;
     const table = Buffer.alloc(this.cs);
-    await this.file.pread(table, l2Offset);
+    await this.readAt(table, l2Offset);
     let nextContiguous = 0;
     let dirty = false;
     for (let i = 0; i < n; i++) {
@@ -359,7 +371,7 @@ class CheckPass {
     if (l1Size === 0) return;
     this.inc(l1Offset, l1Size * 8);
     const raw = Buffer.alloc(l1Size * 8);
-    await this.file.pread(raw, l1Offset);
+    await this.readAt(raw, l1Offset);
     for (let i = 0; i < l1Size; i++) {
       onEntry?.(i);
       const hi = raw.readUInt32BE(i * 8);
@@ -388,7 +400,7 @@ class CheckPass {
     try {
       if (ext.bitmapDirectorySize === 0 || ext.bitmapDirectorySize > MAX_BITMAP_DIRECTORY_BYTES) throw new ImageError('bitmap directory size is out of range');
       const dir = Buffer.alloc(ext.bitmapDirectorySize);
-      await this.file.pread(dir, ext.bitmapDirectoryOffset);
+      await this.readAt(dir, ext.bitmapDirectoryOffset);
       entries = decodeBitmapDirectory(dir, ext.nbBitmaps, this.cs);
       for (const e of entries) {
         if (e.extraDataSize !== 0) throw new ImageError(`bitmap "${e.name}" has extra data`);
@@ -403,7 +415,7 @@ class CheckPass {
     for (const e of entries) {
       this.inc(e.bitmapTableOffset, e.bitmapTableSize * 8);
       const table = Buffer.alloc(e.bitmapTableSize * 8);
-      await this.file.pread(table, e.bitmapTableOffset);
+      await this.readAt(table, e.bitmapTableOffset);
       const offsets: number[] = [];
       for (let i = 0; i < e.bitmapTableSize; i++) {
         const off = bitmapTableEntryOffset(table.readBigUInt64BE(i * 8), this.cs);
@@ -439,8 +451,18 @@ class CheckPass {
         this.res.corruptions++;
         this.msg(`${this.fixErrors ? 'Repairing' : 'ERROR'} refcount block ${i} is outside image`);
         if (this.fixErrors) {
-          // Grow the file so that the block lies inside it (it reads as zeros).
-          await this.file.truncate(offset + this.cs);
+          // Grow the file so that the block lies inside it (it reads as zeros); a size the file
+          // cannot take leaves the refcount structures to be rebuilt, as QEMU does.
+          const failed = await this.file.truncate(offset + this.cs).then(
+            () => null,
+            (err: NodeJS.ErrnoException) => (err.code === 'EINVAL' ? 'Invalid argument' : 'File too large'),
+          );
+          if (failed !== null) {
+            this.msg(`qcow2fs: Could not resize file: ${failed}`);
+            this.msg(`ERROR could not resize image: ${failed}`);
+            this.rebuild = true;
+            continue;
+          }
           this.fileSize = offset + this.cs;
           this.refs.grow(Math.ceil(this.fileSize / this.cs));
           this.res.corruptions--;
@@ -512,7 +534,7 @@ class CheckPass {
     if (b === undefined) {
       if (this.refblocks.size * this.cs >= REFBLOCK_CACHE_BYTES) await this.evictRefblocks();
       b = Buffer.alloc(this.cs);
-      await this.file.pread(b, offset);
+      await this.readAt(b, offset);
       this.refblocks.set(offset, b);
     }
     return b;
@@ -609,7 +631,7 @@ class CheckPass {
         }
       }
       const table = Buffer.alloc(this.cs);
-      await this.file.pread(table, l2Offset);
+      await this.readAt(table, l2Offset);
       let dirty = 0;
       for (let j = 0; j < this.cs / eb; j++) {
         const at = j * eb;
