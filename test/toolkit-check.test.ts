@@ -391,7 +391,7 @@ describe('check agrees with qemu-img check', () => {
 });
 
 describe('toolkit verbs respect QEMU image locks', () => {
-  it('check, check -r, resize and commit refuse an image a qemu-io process holds for writing; check -U reads it', async () => {
+  it('check, check -r, resize, commit, map, convert and info --backing-chain refuse an image a qemu-io process holds for writing; with -U the readers read it', async () => {
     need('qemu-img', 'qemu-io');
     const { spawn } = await import('node:child_process');
     const dir = scratchDir('check-lock');
@@ -405,7 +405,8 @@ describe('toolkit verbs respect QEMU image locks', () => {
       // Wait until qemu-io holds its locks (qemu-img check then fails too).
       for (let i = 0; i < 150 && run('qemu-img', ['check', img]).code === 0; i++) await new Promise((r) => setTimeout(r, 100));
       const before = fs.readFileSync(img);
-      for (const args of [['check', img], ['check', '-r', 'all', img], ['resize', img, '8M'], ['commit', img]]) {
+      const out = path.join(dir, 'out.raw');
+      for (const args of [['check', img], ['check', '-r', 'all', img], ['resize', img, '8M'], ['commit', img], ['map', img], ['convert', img, out], ['info', '--backing-chain', img]]) {
         const r = qcow2fs(args);
         expect({ args, failed: r.code !== 0 }).toEqual({ args, failed: true });
         expect(r.stderr).toMatch(/in use/);
@@ -413,6 +414,12 @@ describe('toolkit verbs respect QEMU image locks', () => {
       }
       expect(fs.readFileSync(img).equals(before)).toBe(true);
       expect(qcow2fs(['check', '-U', img]).code).toBe(0);
+      // What the refusal suggests works wherever qemu-img takes -U.
+      for (const args of [['map', '-U', img], ['map', '--force-share', '--output', 'json', img], ['convert', '-U', img, out], ['info', '-U', '--backing-chain', img]]) {
+        const r = qcow2fs(args);
+        expect({ args, code: r.code, err: r.stderr }).toEqual({ args, code: 0, err: '' });
+      }
+      expect(fs.readFileSync(img).equals(before)).toBe(true);
     } finally {
       holder.kill('SIGKILL');
     }

@@ -25,6 +25,7 @@ interface ConvertArgs extends GlobalArgs {
   snapshot?: string;
   progress: boolean;
   quiet: boolean;
+  'force-share': boolean;
 }
 
 const OUTPUT_OPTIONS = ['cluster_size', 'compat', 'lazy_refcounts', 'refcount_bits', 'extended_l2', 'compression_type'];
@@ -60,6 +61,7 @@ export function registerConvert(y: Argv<GlobalArgs>): Argv<GlobalArgs> {
         .option('snapshot', { alias: 'l', type: 'string', describe: 'copy this internal snapshot (id or name; snapshot.name=NAME and snapshot.id=ID also work)' })
         .option('progress', { alias: 'p', type: 'boolean', default: false, describe: 'show progress on stderr' })
         .option('quiet', { alias: 'q', type: 'boolean', default: false, describe: 'print nothing on success' })
+        .option('force-share', { alias: 'U', type: 'boolean', default: false, describe: 'read even while another process writes the image (like qemu-img -U; the result may be inconsistent)' })
         .example('$0 convert -O qcow2 disk.raw disk.qcow2', 'raw to qcow2, zero clusters left out')
         .example('$0 convert disk.qcow2 disk.raw', 'qcow2 to a sparse raw file')
         .example('$0 convert -O qcow2 -c -o compression_type=zstd overlay.qcow2 flat.qcow2', 'the chain flattened into one compressed file')
@@ -75,6 +77,7 @@ export function registerConvert(y: Argv<GlobalArgs>): Argv<GlobalArgs> {
       if (sameFile(argv.source, argv.destination)) throw new UsageError('the destination is the source file');
       const opened = await openImage(argv.source, {
         readOnly: true,
+        lock: argv['force-share'] ? 'share' : 'qemu',
         ...(argv.format ? { format: argv.format as ImageFormat } : {}),
         ...(argv.snapshot !== undefined ? { snapshot: snapshotArgument(argv.snapshot) } : {}),
       });

@@ -22,6 +22,7 @@ interface InfoArgs extends GlobalArgs {
   output: 'human' | 'json';
   'backing-chain': boolean;
   format?: string;
+  'force-share': boolean;
 }
 
 type Json = { [key: string]: JsonValue };
@@ -180,7 +181,7 @@ async function openTopOnly(p: string, format: ImageFormat | undefined): Promise<
 }
 
 /** Info records for IMAGE (and with `chain`, every file below it), named as qemu-img names them. */
-export async function collectInfo(image: string, format: ImageFormat | undefined, chain: boolean): Promise<Json[]> {
+export async function collectInfo(image: string, format: ImageFormat | undefined, chain: boolean, forceShare = false): Promise<Json[]> {
   if (!chain) {
     const top = await openTopOnly(image, format);
     try {
@@ -189,7 +190,7 @@ export async function collectInfo(image: string, format: ImageFormat | undefined
       await top.device.close();
     }
   }
-  const opened = await openImage(image, { readOnly: true, ...(format ? { format } : {}), l2CacheBytes: 0 });
+  const opened = await openImage(image, { readOnly: true, lock: forceShare ? 'share' : 'qemu', ...(format ? { format } : {}), l2CacheBytes: 0 });
   try {
     const out: Json[] = [];
     let name = image;
@@ -214,13 +215,14 @@ export function registerInfo(y: Argv<GlobalArgs>): Argv<GlobalArgs> {
         .option('output', { choices: ['human', 'json'] as const, default: 'human' as const, describe: 'output format' })
         .option('backing-chain', { type: 'boolean', default: false, describe: 'describe every file of the backing chain' })
         .option('format', { alias: 'f', choices: ['qcow2', 'raw'] as const, describe: 'image format; probed by default' })
+        .option('force-share', { alias: 'U', type: 'boolean', default: false, describe: 'with --backing-chain: read even while another process writes the chain (like qemu-img -U); the image alone is read without a lock' })
         .example('$0 info disk.qcow2', 'human-readable summary')
         .example('$0 info --output json disk.qcow2', 'the same keys and layout as qemu-img info --output json')
         .example('$0 info --output json --backing-chain overlay.qcow2', 'the whole chain, as a JSON list')
         .epilog('Exit status: 0 success, 1 the image cannot be read, 2 bad arguments.') as unknown as Argv<InfoArgs>,
     runCommand<InfoArgs>(async (argv) => {
       const format = argv.format as ImageFormat | undefined;
-      const infos = await collectInfo(argv.image, format, argv['backing-chain']);
+      const infos = await collectInfo(argv.image, format, argv['backing-chain'], argv['force-share']);
       if (argv.output === 'json') process.stdout.write(qemuJson(argv['backing-chain'] ? infos : infos[0]!));
       else process.stdout.write(infos.map(humanInfo).join('\n\n') + '\n');
     }),

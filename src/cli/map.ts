@@ -17,6 +17,7 @@ interface MapArgs extends GlobalArgs {
   format?: string;
   'start-offset'?: string;
   'max-length'?: string;
+  'force-share': boolean;
 }
 
 /** One line of qemu-img map's JSON list. */
@@ -54,6 +55,7 @@ export function registerMap(y: Argv<GlobalArgs>): Argv<GlobalArgs> {
         .option('format', { alias: 'f', choices: ['qcow2', 'raw'] as const, describe: 'image format; probed by default' })
         .option('start-offset', { type: 'string', describe: 'first guest byte to map (K/M/G suffixes)' })
         .option('max-length', { type: 'string', describe: 'map at most this many bytes' })
+        .option('force-share', { alias: 'U', type: 'boolean', default: false, describe: 'read even while another process writes the image (like qemu-img -U; the result may be inconsistent)' })
         .example('$0 map disk.qcow2', 'the data ranges and their host offsets')
         .example('$0 map --output json overlay.qcow2', 'every range with depth, present, zero, data, offset')
         .epilog(
@@ -63,7 +65,7 @@ export function registerMap(y: Argv<GlobalArgs>): Argv<GlobalArgs> {
             'Exit status: 0 success, 1 the image cannot be read (or, in human format, has compressed clusters), 2 bad arguments.',
         ) as unknown as Argv<MapArgs>,
     runCommand<MapArgs>(async (argv) => {
-      const opened = await openImage(argv.image, { readOnly: true, ...(argv.format ? { format: argv.format as ImageFormat } : {}) });
+      const opened = await openImage(argv.image, { readOnly: true, lock: argv['force-share'] ? 'share' : 'qemu', ...(argv.format ? { format: argv.format as ImageFormat } : {}) });
       try {
         const size = opened.device.size;
         const start = argv['start-offset'] !== undefined ? parseSize(argv['start-offset'], '--start-offset') : 0;
