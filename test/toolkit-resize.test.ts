@@ -157,6 +157,13 @@ describe('resize agrees with qemu-img resize', () => {
       const q = run('qemu-img', [...args]);
       expect(q.code).not.toBe(0);
     }
+    // A qcow2 disk is whole sectors: qemu-img refuses +1 too; the image is left unchanged.
+    const before = sha256File(img);
+    const odd = qcow2fs(['resize', img, '+1']);
+    expect(odd.code).toBe(2);
+    expect(odd.stderr).toMatch(/must be a multiple of 512/);
+    expect(run('qemu-img', ['resize', img, '+1']).code).not.toBe(0);
+    expect(sha256File(img)).toBe(before);
     expect(qcow2fs(['resize', path.join(dir, 'missing.qcow2'), '1G']).code).toBe(2);
     expect(qcow2fs(['resize', img]).code).toBe(2);
   });

@@ -23,13 +23,13 @@ interface ResizeArgs extends GlobalArgs {
   _: Array<string | number>;
 }
 
-/** "+1G" grows by, "-1G" shrinks by, "10G" sets; the result is rounded up to 512 bytes. */
+/** "+1G" grows by, "-1G" shrinks by, "10G" sets (a qcow2 size must then be whole 512-byte sectors). */
 export function targetSize(current: number, text: string): number {
   const rel = text.startsWith('+') ? 1 : text.startsWith('-') ? -1 : 0;
   const n = parseSize(rel ? text.slice(1) : text, 'size');
   const want = rel ? current + rel * n : n;
   if (want <= 0) throw new UsageError(`size ${text}: the image would have no size left (now ${current} bytes)`);
-  return Math.ceil(want / 512) * 512;
+  return want;
 }
 
 async function openWritable(p: string): Promise<FdFile> {
@@ -83,6 +83,8 @@ export function registerResize(y: Argv<GlobalArgs>): Argv<GlobalArgs> {
           const known = await readHeader(file);
           const h = known.header;
           const want = targetSize(h.sizeBytes, sizeText);
+          // As qemu-img: a qcow2 disk is whole 512-byte sectors (a raw file takes any size).
+          if (want % 512 !== 0) throw new UsageError(`size ${sizeText}: the new size ${want} must be a multiple of 512`);
           if (h.version === 2 && h.nbSnapshots > 0) throw new UsageError(`${argv.image}: a version 2 image with snapshots cannot be resized`);
           if (want < h.sizeBytes) {
             if (!argv.shrink) throw new UsageError('use --shrink to make the image smaller (data past the new end is lost)');
