@@ -79,10 +79,15 @@ describe('snapshot -l', () => {
     expect(qemuSizeString(1024 ** 3)).toBe('1 GiB');
   });
 
-  it('refuses a raw image and a missing one in one line', () => {
+  it('lists nothing for a raw image as qemu-img does, refuses to create one there, and refuses a missing image, in one line', () => {
     const raw = path.join(dir, 'disk.raw');
     fs.writeFileSync(raw, Buffer.alloc(65536));
-    const r = qcow2fs(['snapshot', '-l', raw]);
+    const l = qcow2fs(['snapshot', '-l', raw]);
+    const q = run('qemu-img', ['snapshot', '-l', raw]);
+    expect({ code: l.code, out: l.stdout }).toEqual({ code: q.code, out: q.stdout });
+    expect(l.code).toBe(0);
+    expect(qcow2fs(['snapshot', '-l', '--output', 'json', raw]).stdout).toBe('[]\n');
+    const r = qcow2fs(['snapshot', '-c', 'x', raw]);
     expect(r.code).not.toBe(0);
     expect(r.stderr.trim().split('\n')).toHaveLength(1);
     expect(r.stderr).toMatch(/raw images have no internal snapshots/);

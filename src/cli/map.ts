@@ -3,7 +3,7 @@
  * chain and at which host offset; qemu-img map's JSON and human formats.
  */
 import type { Argv } from 'yargs';
-import { ImageError, UsageError } from '../errors';
+import { ImageError } from '../errors';
 import { mapChain, type MapEntry } from '../image/map';
 import { openImage, type ChainLayer } from '../image/open';
 import type { ImageFormat } from '../image/probe';
@@ -69,9 +69,9 @@ export function registerMap(y: Argv<GlobalArgs>): Argv<GlobalArgs> {
       try {
         const size = opened.device.size;
         const start = argv['start-offset'] !== undefined ? parseSize(argv['start-offset'], '--start-offset') : 0;
-        if (start > size) throw new UsageError(`--start-offset ${start} lies past the end of the image (${size} bytes)`);
+        // Past the end, as at it, qemu-img maps an empty range.
         const max = argv['max-length'] !== undefined ? parseSize(argv['max-length'], '--max-length') : size;
-        const length = Math.min(max, size - start);
+        const length = Math.max(0, Math.min(max, size - start));
         const out: string[] = [];
         const flush = (): void => {
           if (out.length) process.stdout.write(out.splice(0).join(''));
@@ -84,7 +84,7 @@ export function registerMap(y: Argv<GlobalArgs>): Argv<GlobalArgs> {
             first = false;
             if (out.length > 512) flush();
           });
-          // An empty range (a disk of size 0, --start-offset at its end): qemu-img still prints one entry.
+          // An empty range (a disk of size 0, --start-offset at or past its end): qemu-img still prints one entry.
           if (first) out.push(mapEntryJson({ start, length: 0, depth: 0, present: false, zero: false, data: false }));
           out.push(']\n');
           flush();

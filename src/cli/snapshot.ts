@@ -143,7 +143,11 @@ export function registerSnapshot(y: Argv<GlobalArgs>): Argv<GlobalArgs> {
       const opened = await openImage(argv.image, { readOnly: true, lock: argv['force-share'] ? 'share' : 'qemu' });
       try {
         const top = opened.chain[0]?.device;
-        if (!(top instanceof Qcow2Image)) throw new UsageError(`${argv.image}: ${opened.chain[0]?.format ?? 'this'} images have no internal snapshots`);
+        if (!(top instanceof Qcow2Image)) {
+          // As qemu-img: a raw image lists no snapshots (nothing printed, status 0).
+          if (argv.output === 'json') process.stdout.write('[]\n');
+          return;
+        }
         if (argv.output === 'json') process.stdout.write(JSON.stringify(snapshotListJson(top.snapshots), null, 4) + '\n');
         else process.stdout.write(formatSnapshotTable(top.snapshots));
       } finally {
