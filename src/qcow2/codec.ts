@@ -112,7 +112,8 @@ function inflateRaw(src: Uint8Array, clusterSize: number): Promise<Buffer> {
 
 function deflateRaw(src: Uint8Array): Promise<Buffer> {
   return new Promise((resolve, reject) => {
-    zlib.deflateRaw(src, { windowBits: 12, level: 6 }, (err, out) => (err ? reject(err) : resolve(out)));
+    // QEMU's settings (qcow2-threads.c): a 4 KiB window, the default level, memLevel 9.
+    zlib.deflateRaw(src, { windowBits: 12, level: 6, memLevel: 9 }, (err, out) => (err ? reject(err) : resolve(out)));
   });
 }
 

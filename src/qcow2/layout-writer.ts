@@ -41,6 +41,13 @@ export class Qcow2LayoutWriter {
   /** Clusters referenced more than once (shared by compressed data), with their refcount. */
   private readonly shared = new Map<number, number>();
   private readonly maxRefcount: number;
+  /**
+   * Room left behind compressed data: [zNext, zEnd) inside the cluster where the last compressed
+   * cluster ended, when other clusters were appended after it. Later compressed clusters that fit
+   * go there (as QEMU keeps packing compressed data into its current cluster).
+   */
+  private zNext = 0;
+  private zEnd = 0;
   private pendingStart = 0;
   private pending: Buffer[] = [];
   private pendingBytes = 0;
@@ -197,24 +204,41 @@ export class Qcow2LayoutWriter {
     else table.writeUInt32BE(OFLAG_ZERO_LO, at + 4);
   }
 
-  /** Stores an already compressed cluster, packed right after the previous compressed data. */
+  /**
+   * Stores an already compressed cluster, packed right after the previous compressed data: at
+   * the tail, or in the room left in the cluster where the previous one ended when other
+   * clusters (data, L2 tables) were appended since and it fits there.
+   */
   async compressed(guestCluster: number, bytes: Buffer): Promise<void> {
     const { table, at } = await this.entryFor(guestCluster);
+    const cs = this.cs;
     // A cluster can be shared by as many compressed clusters as its refcount width allows.
-    if (this.tail % this.cs !== 0) {
-      const c = Math.floor(this.tail / this.cs);
-      if ((this.shared.get(c) ?? 1) >= this.maxRefcount) this.alignTail();
+    const room = (offset: number): boolean => offset % cs === 0 || (this.shared.get(Math.floor(offset / cs)) ?? 1) < this.maxRefcount;
+    let start: number;
+    // The room is behind the tail once something else was appended after the compressed data.
+    const inGap = this.zNext !== this.tail && this.zNext < this.zEnd && this.zEnd <= this.tail && this.zNext + bytes.length <= this.zEnd && room(this.zNext);
+    if (inGap) {
+      start = this.zNext;
+    } else {
+      if (this.tail % cs !== 0 && !room(this.tail)) this.alignTail();
+      start = this.tail;
     }
-    const start = this.tail;
     // Starting inside a cluster means an earlier compressed cluster already uses it.
-    if (start % this.cs !== 0) {
-      const c = Math.floor(start / this.cs);
+    if (start % cs !== 0) {
+      const c = Math.floor(start / cs);
       this.shared.set(c, (this.shared.get(c) ?? 1) + 1);
     }
     const [hi, lo] = encodeCompressedDescriptor(start, bytes.length, this.opts.clusterBits);
     table.writeUInt32BE((hi | OFLAG_COMPRESSED_HI) >>> 0, at);
     table.writeUInt32BE(lo, at + 4);
-    await this.append(bytes);
+    if (inGap) {
+      await this.file.pwrite(bytes, start);
+      this.zNext = start + bytes.length;
+    } else {
+      await this.append(bytes);
+      this.zNext = this.tail;
+      this.zEnd = Math.ceil(this.tail / cs) * cs;
+    }
   }
 
   /** Writes the refcount structures, the L1 table and finally the header; closes the file. */
