@@ -270,17 +270,8 @@ const openCases: OpenCase[] = [
     make: (d) => { const i = baseImage(d); qemuImg('snapshot', '-c', 'snap1', i); u32(i, H.nbSnapshots, 60000); return i; },
     error: /snapshot table entry \d+ is truncated/,
   },
-  {
-    name: 'snapshot L1 table offset unaligned',
-    make: (d) => {
-      const i = baseImage(d);
-      qemuImg('snapshot', '-c', 'snap1', i);
-      const snaps = Number(readU64(i, H.snapshotsOffset));
-      u64(i, snaps, readU64(i, snaps) + 0x100n);
-      return i;
-    },
-    error: /snapshot 0 \(snap1\): l1_table_offset 0x[0-9a-f]+ is not aligned/,
-  },
+  // A snapshot's unaligned L1 table no longer stops the image from opening (QEMU opens it): see
+  // "an image with one damaged snapshot entry" in snapshots-mount.test.ts.
   {
     name: 'huge backing file name length',
     make: (d) => {

@@ -180,3 +180,51 @@ describe('a snapshot taken at another virtual size', () => {
     });
   });
 });
+
+describe('an image with one damaged snapshot entry', () => {
+  // QEMU opens such an image (it checks a snapshot's L1 table only when it reads the snapshot):
+  // the active layer and the other snapshots stay readable, which a forensic user needs most.
+  it('opens as QEMU opens it: the active layer and the good snapshots are served, the damaged one is refused in one line, nothing is written', async () => {
+    need('qemu-img', 'qemu-io', '/dev/fuse');
+    const dir = scratchDir('snap-damaged');
+    const image = path.join(dir, 'ev.qcow2');
+    qemuImg('create', '-q', '-f', 'qcow2', image, '16M');
+    qemuIo(image, ['write -P 1 0 1M']);
+    qemuImg('snapshot', '-c', 'good', image);
+    qemuIo(image, ['write -P 2 0 1M']);
+    qemuImg('snapshot', '-c', 'bad', image);
+    qemuIo(image, ['write -P 3 0 1M']);
+    // The second entry's l1_table_offset, moved off its cluster boundary.
+    const buf = fs.readFileSync(image);
+    const table = Number(buf.readBigUInt64BE(64));
+    const first = 40 + buf.readUInt32BE(table + 36) + buf.readUInt16BE(table + 12) + buf.readUInt16BE(table + 14);
+    const second = table + Math.ceil(first / 8) * 8;
+    buf.writeBigUInt64BE(buf.readBigUInt64BE(second) + 512n, second);
+    fs.writeFileSync(image, buf);
+    const before = sha256File(image);
+
+    // The listing, the map and a copy of the active layer agree with qemu-img.
+    expect(qcow2fs(['snapshot', '-l', image]).stdout).toBe(qemuImg('snapshot', '-l', image));
+    expect(qcow2fs(['map', '--output', 'json', image]).stdout).toBe(qemuImg('map', '--output', 'json', image));
+    const copy = path.join(dir, 'active.raw');
+    expect(qcow2fs(['convert', '-O', 'raw', image, copy]).code).toBe(0);
+    expect(sha256File(copy)).toBe(qemuRawSha(image));
+    // check reports it, with qemu-img's status.
+    expect(qcow2fs(['check', image]).code).toBe(2);
+
+    await withMount(image, ['--forensic'], (raw, mp) => {
+      expect(sha256File(raw)).toBe(qemuRawSha(image));
+      expect(fs.readdirSync(path.join(mp, 'snapshots'))).toEqual(['good.raw']);
+      expect(sha256File(path.join(mp, 'snapshots', 'good.raw'))).toBe(qemuRawSha(image, ['-l', 'snapshot.name=good']));
+      const info = JSON.parse(fs.readFileSync(path.join(mp, 'info.json'), 'utf8')) as { snapshots: Array<Record<string, unknown>> };
+      expect(info.snapshots.map((s) => [s.name, s['qcow2fs-damaged'] !== undefined])).toEqual([['good', false], ['bad', true]]);
+    });
+    for (const args of [['mount', '--snapshot', 'bad', image, scratchDir('mnt')], ['snapshot', '-c', 'new', image], ['snapshot', '-d', 'good', image], ['snapshot', '-a', 'good', image]]) {
+      const r = qcow2fs(args);
+      expect({ args, code: r.code }).toEqual({ args, code: 1 });
+      expect(r.stderr.trim().split('\n')).toHaveLength(1);
+      expect(r.stderr).toMatch(/snapshot bad \(id 2\) is damaged: l1_table_offset 0x[0-9a-f]+ is not aligned/);
+    }
+    expect(sha256File(image)).toBe(before);
+  });
+});

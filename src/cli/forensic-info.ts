@@ -36,7 +36,10 @@ export async function forensicInfo(imagePath: string, opened: OpenedImage, opts:
     if (Array.isArray(info.snapshots)) {
       info.snapshots = (info.snapshots as Json[]).map((s, i) => {
         const disk = img.snapshots[i]?.diskSizeBytes;
-        return disk === null || disk === undefined ? s : { ...s, 'disk-size': disk };
+        const damage = img.snapshots[i]?.damage;
+        // A damaged snapshot has no file under snapshots/: say why.
+        const out = disk === null || disk === undefined ? s : { ...s, 'disk-size': disk };
+        return damage ? { ...out, 'qcow2fs-damaged': damage } : out;
       });
     }
   }

@@ -8,6 +8,7 @@ import { Qcow2Image } from '../qcow2/image';
 import type { SnapshotEntry } from '../qcow2/snapshot';
 import type { BlockDevice, Extent, PlainRun } from './blockdev';
 import type { OpenedImage } from './open';
+import { log } from '../log';
 
 /** L2 cache per snapshot view: snapshots are browsed, not hammered, and there may be many. */
 export const SNAPSHOT_VIEW_L2_CACHE_BYTES = 4 * 1024 * 1024;
@@ -72,6 +73,10 @@ export async function openSnapshotViews(opened: OpenedImage, l2CacheBytes = SNAP
   if (!(top instanceof Qcow2Image)) return [];
   const views: SnapshotView[] = [];
   for (const snapshot of top.snapshots) {
+    if (snapshot.damage) {
+      log.warn({ image: top.file.path, snapshot: snapshot.name, id: snapshot.id }, `snapshot left out: ${snapshot.damage}`);
+      continue;
+    }
     const img = await Qcow2Image.open(top.file, { readOnly: true, backing: top.backing, snapshot, l2CacheBytes });
     views.push({ snapshot, device: new BorrowedDevice(img) });
   }

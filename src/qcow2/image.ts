@@ -193,6 +193,7 @@ export class Qcow2Image implements BlockDevice {
     let l1Offset = header.l1TableOffset;
     let l1Size = header.l1Size;
     if (opts.snapshot) {
+      if (opts.snapshot.damage) throw new ImageError(`snapshot ${opts.snapshot.name} (id ${opts.snapshot.id}) is damaged: ${opts.snapshot.damage}`, file.path);
       l1Offset = opts.snapshot.l1TableOffset;
       l1Size = opts.snapshot.l1Size;
       const needed = Math.ceil((opts.snapshot.diskSizeBytes ?? header.sizeBytes) / (cs * g.l2Entries));

@@ -204,6 +204,15 @@ async function replaceSnapshotTable(ctx: Ctx, entries: SnapshotEntry[]): Promise
   await ctx.rc.persist();
 }
 
+/**
+ * A snapshot whose L1 table cannot be used makes every change of the snapshot table unsafe (its
+ * clusters' references are unknown): refused in one line, nothing written.
+ */
+function refuseDamaged(img: Qcow2Image): void {
+  const bad = img.snapshots.find((s) => s.damage);
+  if (bad) throw new ImageError(`snapshot ${bad.name} (id ${bad.id}) is damaged: ${bad.damage}; snapshots cannot be changed in this image`, img.file.path);
+}
+
 function nextSnapshotId(entries: readonly SnapshotEntry[]): string {
   let max = 0;
   for (const s of entries) {
@@ -217,6 +226,7 @@ function nextSnapshotId(entries: readonly SnapshotEntry[]): string {
 export async function createSnapshot(img: Qcow2Image, name: string, now = new Date()): Promise<SnapshotEntry> {
   if (name.length === 0 || Buffer.byteLength(name) > 65535) throw new UsageError('a snapshot name must be 1 to 65535 bytes');
   if (img.snapshots.some((s) => s.name === name)) throw new UsageError(`snapshot "${name}" already exists in ${img.file.path}`);
+  refuseDamaged(img);
   if (img.geometry.refcountBits < 2) throw new ImageError('snapshots need refcount_bits of 2 or more', img.file.path);
   const ctx = await context(img);
   const { rc, cs } = ctx;
@@ -261,6 +271,7 @@ export async function createSnapshot(img: Qcow2Image, name: string, now = new Da
 function mustFind(img: Qcow2Image, idOrName: string): SnapshotEntry {
   const sn = findSnapshot(img.snapshots, idOrName);
   if (!sn) throw new UsageError(`${img.file.path}: no snapshot with id or name "${idOrName}"`);
+  refuseDamaged(img);
   return sn;
 }
 

@@ -23,6 +23,12 @@ export interface SnapshotEntry {
   extraDataSize: number;
   /** Bytes this entry occupies in the table, padding included. */
   entryBytes: number;
+  /**
+   * Why this snapshot's L1 table cannot be used (unaligned, out of range, past the end of the
+   * file), if so. As QEMU, the image still opens and lists it; reading, applying or deleting it
+   * is refused (check reports it).
+   */
+  damage?: string;
 }
 
 /**
@@ -67,17 +73,12 @@ export function decodeSnapshotTable(
     if (extraDataSize >= 24) icount = table.readBigUInt64BE(extraOff + 16);
     const id = table.subarray(extraOff + extraDataSize, extraOff + extraDataSize + idSize).toString('utf8');
     const name = table.subarray(extraOff + extraDataSize + idSize, end).toString('utf8');
-    if (l1Big > BigInt(Number.MAX_SAFE_INTEGER)) throw new ImageError(`snapshot ${i} (${name}): l1_table_offset ${l1Big} is out of range`);
-    const l1TableOffset = Number(l1Big);
-    if (l1Size * 8 > MAX_L1_BYTES) throw new ImageError(`snapshot ${i} (${name}): l1_size ${l1Size} is too large`);
-    if (l1Size > 0) {
-      if (l1TableOffset === 0 || l1TableOffset % ctx.clusterSize !== 0) {
-        throw new ImageError(`snapshot ${i} (${name}): l1_table_offset 0x${l1TableOffset.toString(16)} is not aligned to the cluster size`);
-      }
-      if (l1TableOffset + l1Size * 8 > ctx.fileSize) {
-        throw new ImageError(`snapshot ${i} (${name}): l1_table_offset 0x${l1TableOffset.toString(16)} + l1_size ${l1Size} lies past the end of the file`);
-      }
-    }
+    const l1TableOffset = l1Big > BigInt(Number.MAX_SAFE_INTEGER) ? Number.MAX_SAFE_INTEGER : Number(l1Big);
+    let damage: string | undefined;
+    if (l1Big > BigInt(Number.MAX_SAFE_INTEGER)) damage = `l1_table_offset 0x${l1Big.toString(16)} is out of range`;
+    else if (l1Size * 8 > MAX_L1_BYTES) damage = `l1_size ${l1Size} is too large`;
+    else if (l1Size > 0 && (l1TableOffset === 0 || l1TableOffset % ctx.clusterSize !== 0)) damage = `l1_table_offset 0x${l1TableOffset.toString(16)} is not aligned to the cluster size`;
+    else if (l1Size > 0 && l1TableOffset + l1Size * 8 > ctx.fileSize) damage = `l1_table_offset 0x${l1TableOffset.toString(16)} + l1_size ${l1Size} lies past the end of the file`;
     const entryBytes = Math.ceil((end - off) / 8) * 8;
     entries.push({
       l1TableOffset,
@@ -92,6 +93,7 @@ export function decodeSnapshotTable(
       icount,
       extraDataSize,
       entryBytes,
+      ...(damage !== undefined ? { damage } : {}),
     });
     off += entryBytes;
     if (off > MAX_SNAPSHOT_TABLE_BYTES) throw new ImageError(`snapshot table is larger than ${MAX_SNAPSHOT_TABLE_BYTES} bytes`);
