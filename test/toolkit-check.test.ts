@@ -402,8 +402,13 @@ describe('toolkit verbs respect QEMU image locks', () => {
     // It sleeps far longer than the test runs (killed below): a loaded machine must not see it let go.
     const holder = spawn('qemu-io', ['-f', 'qcow2', '-c', 'sleep 600000', img], { stdio: 'ignore' });
     try {
-      // Wait until qemu-io holds its locks (qemu-img check then fails too).
-      for (let i = 0; i < 150 && run('qemu-img', ['check', img]).code === 0; i++) await new Promise((r) => setTimeout(r, 100));
+      // Wait until qemu-io holds its locks (qemu-img check then fails too); a loaded machine may
+      // take a while to start it.
+      const until = Date.now() + 60_000;
+      while (run('qemu-img', ['check', img]).code === 0) {
+        expect(Date.now() < until, 'qemu-io took its image locks within 60 s').toBe(true);
+        await new Promise((r) => setTimeout(r, 100));
+      }
       const before = fs.readFileSync(img);
       const out = path.join(dir, 'out.raw');
       for (const args of [['check', img], ['check', '-r', 'all', img], ['resize', img, '8M'], ['commit', img], ['map', img], ['convert', img, out], ['info', '--backing-chain', img]]) {

@@ -224,6 +224,9 @@ export function decodeHeader(head: Buffer, fileSize: number, opts: { l1PastEof?:
   if (h.compressionType !== COMPRESSION_ZLIB && h.compressionType !== COMPRESSION_ZSTD) {
     throw new UnsupportedError(`compression_type ${h.compressionType} is not supported (0 zlib, 1 zstd)`);
   }
+  if (h.compressionType === COMPRESSION_ZLIB && (h.incompatibleFeatures & INCOMPAT_COMPRESSION) !== 0n) {
+    throw new ImageError('the compression type feature bit is set but compression_type is zlib (QEMU refuses this too)');
+  }
   if (h.compressionType !== COMPRESSION_ZLIB && (h.incompatibleFeatures & INCOMPAT_COMPRESSION) === 0n) {
     throw new ImageError(`compression_type ${h.compressionType} is set but the compression type feature bit is not`);
   }
@@ -232,8 +235,8 @@ export function decodeHeader(head: Buffer, fileSize: number, opts: { l1PastEof?:
   }
 
   // Backing file name (spec: must lie in the first cluster, no longer than 1023 bytes).
-  if (h.backingFileOffset !== 0) {
-    if (h.backingFileSize === 0) throw new ImageError(`backing_file_size 0 with backing_file_offset ${h.backingFileOffset}`);
+  // An empty name (size 0) is no backing file, as for QEMU.
+  if (h.backingFileOffset !== 0 && h.backingFileSize !== 0) {
     if (h.backingFileSize > MAX_BACKING_NAME_BYTES) throw new ImageError(`backing_file_size ${h.backingFileSize} is too large (at most ${MAX_BACKING_NAME_BYTES})`);
     const end = h.backingFileOffset + h.backingFileSize;
     if (end > clusterSize) throw new ImageError(`backing_file_offset ${h.backingFileOffset} + size ${h.backingFileSize} lies outside the first cluster`);
@@ -267,8 +270,10 @@ export function decodeHeader(head: Buffer, fileSize: number, opts: { l1PastEof?:
 
   // Snapshot table (entries are validated when read).
   if (h.nbSnapshots > MAX_SNAPSHOTS) throw new ImageError(`nb_snapshots ${h.nbSnapshots} is too large (at most ${MAX_SNAPSHOTS})`);
+  // QEMU checks the offset even when there are no snapshots.
+  if (h.snapshotsOffset % clusterSize !== 0) throw new ImageError(`snapshots_offset 0x${h.snapshotsOffset.toString(16)} is not aligned to the cluster size`);
   if (h.nbSnapshots > 0) {
-    if (h.snapshotsOffset === 0 || h.snapshotsOffset % clusterSize !== 0) throw new ImageError(`snapshots_offset 0x${h.snapshotsOffset.toString(16)} is not aligned to the cluster size`);
+    if (h.snapshotsOffset === 0) throw new ImageError('snapshots_offset 0 with snapshots: the table would overlap the header');
     if (h.snapshotsOffset >= fileSize) throw new ImageError(`snapshots_offset 0x${h.snapshotsOffset.toString(16)} lies past the end of the file`);
   }
 

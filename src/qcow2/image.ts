@@ -170,7 +170,8 @@ export class Qcow2Image implements BlockDevice {
     const cs = g.clusterSize;
     const roundUp = (n: number): number => Math.ceil(n / cs) * cs;
 
-    const headerEnd = Math.max(header.extensionsEnd, header.backingFileOffset + header.backingFileSize, header.headerLength);
+    // backing_file_size means nothing without backing_file_offset (QEMU ignores it then).
+    const headerEnd = Math.max(header.extensionsEnd, header.backingFileOffset !== 0 ? header.backingFileOffset + header.backingFileSize : 0, header.headerLength);
     const regions: Region[] = [
       { offset: 0, length: roundUp(headerEnd), what: 'image header' },
       { offset: header.refcountTableOffset, length: header.refcountTableClusters * cs, what: 'refcount table' },

@@ -9,7 +9,7 @@ import { ImageError, UnsupportedError } from '../../src/errors';
 import {
   COMPAT_LAZY_REFCOUNTS, COMPRESSION_ZSTD, decodeHeader, describeIncompatible, geometryOf, HEADER_PROBE_BYTES, INCOMPAT_EXTL2,
 } from '../../src/qcow2/header';
-import { need, qemuImg, removeScratch, scratchDir } from '../support/env';
+import { need, qemuImg, removeScratch, run, scratchDir } from '../support/env';
 
 beforeAll(() => need('qemu-img'));
 afterAll(() => removeScratch());
@@ -89,6 +89,33 @@ describe('decodeHeader refusals', () => {
     qemuImg('create', '-q', '-f', 'qcow2', ...opts, img, '1M');
     return head(img);
   }
+
+  it('decides as qemu-img does on odd header fields: what it opens opens, what it refuses is refused', () => {
+    const dir = scratchDir('hdr-odd');
+    const cases: Array<[string, (b: Buffer) => void, boolean]> = [
+      // An empty backing file name is no backing file; its size means nothing without an offset.
+      ['backing_file_size 0 with an offset', (b) => { b.writeBigUInt64BE(512n, 8); b.writeUInt32BE(0, 16); }, true],
+      ['backing_file_size without an offset', (b) => b.writeUInt32BE(0xffffffff, 16), true],
+      ['the compression type bit on a zlib image', (b) => b.writeBigUInt64BE(b.readBigUInt64BE(72) | 8n, 72), false],
+      ['snapshots_offset unaligned without snapshots', (b) => b.writeBigUInt64BE(12345n, 64), false],
+    ];
+    for (const [what, edit, opens] of cases) {
+      const img = path.join(dir, 'x.qcow2');
+      qemuImg('create', '-q', '-f', 'qcow2', img, '1M');
+      const all = fs.readFileSync(img);
+      edit(all);
+      fs.writeFileSync(img, all);
+      const qemuOpens = run('qemu-img', ['info', img]).code === 0;
+      let ours = true;
+      try {
+        decodeHeader(all.subarray(0, Math.min(all.length, HEADER_PROBE_BYTES)), all.length);
+      } catch (err) {
+        expect(err, what).toBeInstanceOf(ImageError);
+        ours = false;
+      }
+      expect({ what, qemuOpens, ours }).toEqual({ what, qemuOpens: opens, ours: opens });
+    }
+  });
 
   it('names unknown incompatible bits, by the feature table name when it has one', () => {
     const { buf, size } = image();
