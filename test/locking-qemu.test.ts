@@ -34,7 +34,7 @@ function lockBytes(file: string): string[] {
 async function qemuIoLocks(file: string, flags: string[]): Promise<string[]> {
   const child = spawn('qemu-io', [...flags, '-f', 'qcow2', file], { stdio: ['pipe', 'ignore', 'ignore'] });
   try {
-    const deadline = Date.now() + 10_000;
+    const deadline = Date.now() + 60_000; // a loaded machine may be slow to start it
     let locks: string[] = [];
     while (Date.now() < deadline) {
       locks = lockBytes(file);

@@ -78,6 +78,21 @@ describe('map agrees with qemu-img map', () => {
     }
   });
 
+  it('a raw file whose size is not whole sectors: info, map and convert as qemu-img (rounded up to 512 bytes)', () => {
+    need('qemu-img');
+    const dir = scratchDir('map-odd-raw');
+    const raw = path.join(dir, 'odd.raw');
+    fs.writeFileSync(raw, Buffer.alloc(1000, 0x5a));
+    for (const verb of ['info', 'map']) {
+      expect(qcow2fs([verb, '--output', 'json', raw]).stdout, verb).toBe(qemuImg(verb, '--output', 'json', raw));
+    }
+    const ours = path.join(dir, 'ours.raw');
+    const theirs = path.join(dir, 'theirs.raw');
+    expect(qcow2fs(['convert', '-f', 'raw', '-O', 'raw', raw, ours]).code).toBe(0);
+    qemuImg('convert', '-f', 'raw', '-O', 'raw', raw, theirs);
+    expect(fs.readFileSync(ours).equals(fs.readFileSync(theirs))).toBe(true);
+  });
+
   it('--start-offset and --max-length', () => {
     need('qemu-img', 'qemu-io');
     const dir = scratchDir('map-range');

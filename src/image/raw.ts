@@ -13,8 +13,12 @@ export class RawImage implements BlockDevice {
     this.description = file.path;
   }
 
+  /**
+   * The disk is the file rounded up to whole 512-byte sectors, as QEMU sees a raw file (the tail
+   * of the last sector reads as zeros), so info, map and convert agree with qemu-img's.
+   */
   static async open(file: HostFile): Promise<RawImage> {
-    return new RawImage(file, await file.size());
+    return new RawImage(file, Math.ceil((await file.size()) / 512) * 512);
   }
 
   get readOnly(): boolean {
