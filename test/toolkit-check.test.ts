@@ -26,6 +26,11 @@ class Bytes {
     b.writeBigUInt64BE(v, 0);
     fs.writeSync(this.fd, b, 0, 8, at);
   }
+  setU32(at: number, v: number): void {
+    const b = Buffer.alloc(4);
+    b.writeUInt32BE(v, 0);
+    fs.writeSync(this.fd, b, 0, 4, at);
+  }
   u16(at: number): number {
     const b = Buffer.alloc(2);
     fs.readSync(this.fd, b, 0, 2, at);
@@ -146,6 +151,10 @@ const damages: Damage[] = [
   },
   // QEMU opens it (the table reads as zeros there) and reports a corruption: so must check.
   { name: 'active L1 table past the end of the file', make: (b) => b.setU64(40, 10n << 30n), repairable: false },
+  // A refcount table QEMU's open lets through (its check then reports every refcount as wrong).
+  { name: 'refcount table past the end of the file', make: (b) => b.setU64(48, 1n << 30n), repairable: true, rebuilds: true },
+  { name: 'refcount table at offset 0 (the header read as one)', make: (b) => b.setU64(48, 0n), repairable: true, rebuilds: true },
+  { name: 'refcount table of no clusters', make: (b) => b.setU32(56, 0), repairable: true, rebuilds: true },
   // Offsets no file reaches (past 2^53, where pread stops): read as zeros, reported as QEMU does.
   { name: 'L1 entry pointing past 2^53', make: (b) => b.setU64(b.l1, 0x80ffffffffff0000n), repairable: false },
   { name: 'refcount table entry at 2^56 (the file cannot grow there: rebuilt)', make: (b) => b.setU64(b.reftable + 8, 1n << 56n), repairable: true, rebuilds: true },

@@ -194,7 +194,7 @@ class CheckPass {
     this.fileSize = await this.file.size();
     const head = Buffer.alloc(Math.min(HEADER_PROBE_BYTES, this.fileSize));
     await this.file.pread(head, 0);
-    this.header = decodeHeader(head, this.fileSize, { l1PastEof: true });
+    this.header = decodeHeader(head, this.fileSize, { forCheck: true });
     const h = this.header;
     this.clusterBits = h.clusterBits;
     this.cs = 2 ** h.clusterBits;

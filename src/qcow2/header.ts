@@ -145,11 +145,12 @@ export const HEADER_PROBE_BYTES = 2 ** MAX_CLUSTER_BITS;
 
 /**
  * Decodes and validates the header. `head` holds the file's first bytes (at least the first
- * cluster, or the whole file if shorter); `fileSize` is the file's length. `l1PastEof` lets an
- * active L1 table lie (partly) past the end of the file, as QEMU's open does (it reads as zeros
- * there); check uses it to report that as a corruption instead of refusing the image.
+ * cluster, or the whole file if shorter); `fileSize` is the file's length. `forCheck` lets through
+ * what QEMU's open lets through and its check then reports: an active L1 table or a refcount table
+ * (partly) past the end of the file (zeros there), a refcount table at offset 0 or of no clusters;
+ * check reports those as corruptions instead of refusing the image.
  */
-export function decodeHeader(head: Buffer, fileSize: number, opts: { l1PastEof?: boolean } = {}): Qcow2Header {
+export function decodeHeader(head: Buffer, fileSize: number, opts: { forCheck?: boolean } = {}): Qcow2Header {
   if (fileSize < 72 || head.length < 72) throw new ImageError(`file is truncated: ${fileSize} bytes is too short for a qcow2 header`);
   const magic = head.readUInt32BE(0);
   if (magic !== QCOW2_MAGIC) throw new ImageError(`bad magic 0x${magic.toString(16)}: not a qcow2 image`);
@@ -255,16 +256,16 @@ export function decodeHeader(head: Buffer, fileSize: number, opts: { l1PastEof?:
   if (h.l1Size < l1Needed) throw new ImageError(`l1_size ${h.l1Size} is too small for size ${h.sizeBytes} (needs ${l1Needed})`);
   if (h.l1Size > 0) {
     if (h.l1TableOffset === 0 || h.l1TableOffset % clusterSize !== 0) throw new ImageError(`l1_table_offset 0x${h.l1TableOffset.toString(16)} is not aligned to the cluster size`);
-    if (!opts.l1PastEof && h.l1TableOffset + h.l1Size * 8 > fileSize) throw new ImageError(`l1_table_offset 0x${h.l1TableOffset.toString(16)} + l1_size ${h.l1Size} lies past the end of the file (${fileSize} bytes)`);
+    if (!opts.forCheck && h.l1TableOffset + h.l1Size * 8 > fileSize) throw new ImageError(`l1_table_offset 0x${h.l1TableOffset.toString(16)} + l1_size ${h.l1Size} lies past the end of the file (${fileSize} bytes)`);
   }
 
   // Refcount table.
-  if (h.refcountTableOffset === 0 || h.refcountTableOffset % clusterSize !== 0) {
+  if ((h.refcountTableOffset === 0 && !opts.forCheck) || h.refcountTableOffset % clusterSize !== 0) {
     throw new ImageError(`refcount_table_offset 0x${h.refcountTableOffset.toString(16)} is not aligned to the cluster size`);
   }
-  if (h.refcountTableClusters === 0) throw new ImageError('refcount_table_clusters 0: the image has no refcount table');
+  if (h.refcountTableClusters === 0 && !opts.forCheck) throw new ImageError('refcount_table_clusters 0: the image has no refcount table');
   if (h.refcountTableClusters * clusterSize > MAX_REFTABLE_BYTES) throw new ImageError(`refcount_table_clusters ${h.refcountTableClusters} is too large`);
-  if (h.refcountTableOffset + h.refcountTableClusters * clusterSize > fileSize) {
+  if (!opts.forCheck && h.refcountTableOffset + h.refcountTableClusters * clusterSize > fileSize) {
     throw new ImageError(`refcount_table_offset 0x${h.refcountTableOffset.toString(16)} + ${h.refcountTableClusters} clusters lies past the end of the file`);
   }
 
@@ -279,7 +280,7 @@ export function decodeHeader(head: Buffer, fileSize: number, opts: { l1PastEof?:
 
   // Metadata regions must not overlap the header cluster.
   if (h.l1Size > 0 && h.l1TableOffset < clusterSize) throw new ImageError(`l1_table_offset 0x${h.l1TableOffset.toString(16)} overlaps the header`);
-  if (h.refcountTableOffset < clusterSize) throw new ImageError(`refcount_table_offset 0x${h.refcountTableOffset.toString(16)} overlaps the header`);
+  if (h.refcountTableOffset < clusterSize && !opts.forCheck) throw new ImageError(`refcount_table_offset 0x${h.refcountTableOffset.toString(16)} overlaps the header`);
   if (h.l1Size > 0 && rangesOverlap(h.l1TableOffset, h.l1Size * 8, h.refcountTableOffset, h.refcountTableClusters * clusterSize)) {
     throw new ImageError(`l1_table_offset 0x${h.l1TableOffset.toString(16)} overlaps the refcount table`);
   }
