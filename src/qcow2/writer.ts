@@ -336,7 +336,7 @@ export class Qcow2Writer {
     for (let gc = firstCluster; gc <= lastCluster; gc++) {
       const l2Index = gc - l1Index * g.l2Entries;
       const e = this.entryAt(table, l2Index);
-      const showsBacking = gc * cs < backingEnd || gc * cs < this.zeroFlagsBelow;
+      const showsBacking = gc * cs < backingEnd || (g.zeroFlagAllowed && gc * cs < this.zeroFlagsBelow);
       if (!e.compressed && e.host === 0) {
         // Already zeros? Unallocated without backing data, or zero flag / all zero bits.
         const allZeroBits = g.extendedL2 && e.zeroBits === 0xffffffff;
