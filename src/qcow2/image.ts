@@ -182,6 +182,11 @@ export class Qcow2Image implements BlockDevice {
     if (header.nbSnapshots > 0) {
       const decoded = await readSnapshotTable(file, header.snapshotsOffset, header.nbSnapshots, { version: header.version, clusterSize: cs, fileSize });
       snapshots = decoded.entries;
+      // An L1 table too small for the snapshot's disk is damage too (QEMU finds it on use).
+      for (const sn of snapshots) {
+        const needed = Math.ceil((sn.diskSizeBytes ?? header.sizeBytes) / (cs * g.l2Entries));
+        if (!sn.damage && sn.l1Size < needed) sn.damage = `l1_size ${sn.l1Size} is too small for its disk size (needs ${needed})`;
+      }
       const snapRegion = { offset: header.snapshotsOffset, length: roundUp(decoded.tableBytes), what: 'snapshot table' };
       for (const r of regions) {
         if (rangesOverlap(snapRegion.offset, snapRegion.length, r.offset, r.length)) {
