@@ -194,6 +194,50 @@ describe('mount errors are one line', () => {
     expect(daemonPids(mp)).toEqual([]);
   });
 
+  it('an image on a block device that fills up: fsync\'d data kept, the failure reported by umount (exit 1, one line)', async () => {
+    need('qemu-img', 'qemu-io', 'losetup', '/dev/loop-control', 'root', 'dd');
+    const dir = scratchDir('devfull');
+    const backing = path.join(dir, 'dev.img');
+    fs.writeFileSync(backing, Buffer.alloc(24 * MiB));
+    const img = path.join(dir, 'q.qcow2');
+    qemuImg('create', '-q', '-f', 'qcow2', img, '100M');
+    const dev = run('losetup', ['-f', '--show', backing]).stdout.trim();
+    const mp = scratchDir('mnt');
+    try {
+      expect(run('dd', [`if=${img}`, `of=${dev}`, 'conv=fsync', 'status=none']).code).toBe(0);
+      expect(qcow2fs(['mount', dev, mp]).code).toBe(0);
+      const raw = path.join(mp, fs.readdirSync(mp).find((f) => f.endsWith('.raw'))!);
+      const fd = fs.openSync(raw, 'r+');
+      fs.writeSync(fd, Buffer.alloc(MiB, 0x41), 0, MiB, 0);
+      fs.fsyncSync(fd);
+      let failed = false;
+      try {
+        for (let i = 0; i < 48; i++) fs.writeSync(fd, Buffer.alloc(MiB, i + 1), 0, MiB, 8 * MiB + i * MiB);
+        fs.fsyncSync(fd);
+      } catch {
+        failed = true;
+      }
+      try {
+        fs.closeSync(fd); // the close flushes too, and fails likewise
+      } catch {
+        failed = true;
+      }
+      expect(failed, 'writing 48 MiB onto a 24 MiB device fails').toBe(true);
+      const u = qcow2fs(['umount', mp]);
+      expect(u.code).toBe(1);
+      expect(u.stderr.trim().split('\n')).toHaveLength(1);
+      expect(u.stderr).toMatch(/not saved completely: .*no space left on device/);
+      expect(isMounted(mp)).toBe(false);
+      // What was fsync'd is there, and QEMU finds no corruption.
+      const r = run('qemu-io', ['-r', '-f', 'qcow2', '-c', 'read -P 0x41 0 1M', dev]);
+      expect(r.stdout + r.stderr).not.toMatch(/Pattern verification failed|error/i);
+      expect(run('qemu-img', ['check', dev]).code).not.toBe(2);
+    } finally {
+      if (isMounted(mp)) forceUnmount(mp);
+      run('losetup', ['-d', dev]);
+    }
+  });
+
   it('exit status 2 for what the user can fix, 1 for a bad image (README "Exit codes"), from the shell and the Node launcher', async () => {
     const dir = scratchDir('codes');
     const img = smallImage(dir);

@@ -9,6 +9,7 @@ import { FuseMount } from '../fuse/mount';
 import { openImage, type OpenedImage } from '../image/open';
 import { parseFormat } from '../image/probe';
 import { openSnapshotViews } from '../image/snapshot-views';
+import { takeDaemonFailure, writeDaemonFailure } from '../fuse/mounts';
 import { log } from '../log';
 import type { SnapshotEntry } from '../qcow2/snapshot';
 import { formatError, parseSize } from './common';
@@ -102,7 +103,8 @@ export async function serve(argv: MountArgs, tell?: (msg: ReadyMessage) => void)
     throw err;
   }
   report?.({ ok: true });
-  await new Promise<void>((resolve) => {
+  takeDaemonFailure(process.pid); // one a dead daemon of the same PID left, long ago
+  const failures = await new Promise<string[]>((resolve) => {
     let stopping = false;
     const stop = (why: string): void => {
       if (stopping) return;
@@ -110,7 +112,7 @@ export async function serve(argv: MountArgs, tell?: (msg: ReadyMessage) => void)
       log.info({ why }, 'stopping');
       mount.stop().then(resolve, (err: unknown) => {
         log.error(`stop failed: ${(err as Error).message}`);
-        resolve();
+        resolve([`stop failed: ${(err as Error).message}`]);
       });
     };
     phase = 'serving';
@@ -118,6 +120,11 @@ export async function serve(argv: MountArgs, tell?: (msg: ReadyMessage) => void)
     mount.watchExternalUnmount(() => stop('unmounted'));
     if (pendingStop !== null) stop(pendingStop);
   });
+  if (failures.length > 0) {
+    // What the data did not survive must not pass in silence: `qcow2fs umount` reports it.
+    writeDaemonFailure(process.pid, failures[0]!);
+    process.exit(1);
+  }
   // fuse-native's thread may still hold the loop; the image is closed, so leave now.
   process.exit(0);
 }

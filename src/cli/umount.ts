@@ -1,9 +1,9 @@
 /** `qcow2fs umount MOUNTPOINT [--lazy]`: unmount, then wait until the daemon has flushed, closed the image and exited. */
 import { execFile } from 'node:child_process';
 import type { Argv } from 'yargs';
-import { UsageError } from '../errors';
+import { ImageError, UsageError } from '../errors';
 import { FUSE_SUBTYPE } from '../fuse/mount';
-import { findDaemons, findMount, isStaleFuseMount, processAlive, realMountpoint } from '../fuse/mounts';
+import { findDaemons, findMount, isStaleFuseMount, processAlive, realMountpoint, takeDaemonFailure } from '../fuse/mounts';
 import { log } from '../log';
 import { runCommand, type GlobalArgs } from './common';
 
@@ -59,6 +59,11 @@ export async function unmount(mountpointArg: string, opts: { lazy: boolean; time
       if (Date.now() > deadline) throw new UsageError(`daemon ${pid} for ${mp} did not exit within ${opts.timeoutSeconds} s (still flushing?)`);
       await new Promise((r2) => setTimeout(r2, 25));
     }
+  }
+  // A daemon that could not flush or close the image says so before it exits.
+  for (const pid of daemons) {
+    const failure = takeDaemonFailure(pid);
+    if (failure !== null) throw new ImageError(`unmounted, but the image was not saved completely: ${failure}`);
   }
 }
 

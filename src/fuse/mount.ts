@@ -213,9 +213,11 @@ export class FuseMount {
   }
 
   /** Unmounts (lazily if busy, as on SIGTERM) unless already gone, then flushes and closes every device. */
-  async stop(): Promise<void> {
-    if (this.stopped) return;
+  /** Unmounts, flushes and closes every device; what failed to flush or close, one line each. */
+  async stop(): Promise<string[]> {
+    if (this.stopped) return [];
     this.stopped = true;
+    const failures: string[] = [];
     if (this.poller) clearInterval(this.poller);
     if (this.isMounted()) {
       await new Promise<void>((resolve) => {
@@ -247,6 +249,7 @@ export class FuseMount {
         await dev.flush();
       } catch (err) {
         log.error({ device: dev.description }, `flush failed: ${(err as Error).message}`);
+        failures.push(`${dev.description}: flush failed: ${(err as Error).message}`);
       }
     }
     for (const dev of this.layout.devices()) {
@@ -254,8 +257,10 @@ export class FuseMount {
         await dev.close();
       } catch (err) {
         log.error({ device: dev.description }, `close failed: ${(err as Error).message}`);
+        failures.push(`${dev.description}: close failed: ${(err as Error).message}`);
       }
     }
     log.info({ mountpoint: this.mountpoint }, 'stopped');
+    return failures;
   }
 }

@@ -1,4 +1,5 @@
 /** Reading the kernel's mount table (/proc/self/mountinfo) and finding our daemons in /proc. */
+import * as os from 'node:os';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { describeSystemError, UsageError } from '../errors';
@@ -114,4 +115,32 @@ export function checkMountpoint(mountpoint: string): void {
     throw new UsageError(describeSystemError(err, `mountpoint ${mountpoint}`));
   }
   if (entries.length > 0) throw new UsageError(`mountpoint ${mountpoint} is not empty (${entries.length} entries); mount on an empty directory`);
+}
+
+/**
+ * Where a daemon leaves the failure that ended it (a flush or close of the image that failed at
+ * unmount), for `qcow2fs umount` to report: the daemon's own exit status reaches nobody.
+ */
+function daemonFailureFile(pid: number): string {
+  return path.join(os.tmpdir(), `qcow2fs-daemon-${pid}.failed`);
+}
+
+export function writeDaemonFailure(pid: number, message: string): void {
+  try {
+    fs.writeFileSync(daemonFailureFile(pid), message.split('\n')[0]! + '\n', { mode: 0o600 });
+  } catch {
+    // Nowhere to leave it: the daemon's log still has it.
+  }
+}
+
+/** The failure a daemon that has exited left behind (removed once read), or null. */
+export function takeDaemonFailure(pid: number): string | null {
+  const file = daemonFailureFile(pid);
+  try {
+    const text = fs.readFileSync(file, 'utf8').trim();
+    fs.rmSync(file, { force: true });
+    return text;
+  } catch {
+    return null;
+  }
 }

@@ -274,8 +274,18 @@ export class FdFile implements HostFile {
     return new Promise((resolve, reject) => fs.fstat(this.fd, (err, st) => (err ? reject(err) : resolve(st))));
   }
 
-  truncate(sizeBytes: number): Promise<void> {
-    return new Promise((resolve, reject) => fs.ftruncate(this.fd, sizeBytes, (err) => (err ? reject(err) : resolve())));
+  /**
+   * Sets the file's length. A block device has a fixed one: growing within it is a no-op, and
+   * past it fails with ENOSPC (ftruncate would say EINVAL).
+   */
+  async truncate(sizeBytes: number): Promise<void> {
+    const st = await this.stat();
+    if (st.isBlockDevice()) {
+      const room = blockDeviceBytes(st);
+      if (sizeBytes <= room) return;
+      throw Object.assign(new Error(`ENOSPC: no space left on device ${this.path} (needs ${sizeBytes} bytes, holds ${room})`), { code: 'ENOSPC' });
+    }
+    await new Promise<void>((resolve, reject) => fs.ftruncate(this.fd, sizeBytes, (err) => (err ? reject(err) : resolve())));
   }
 
   close(): Promise<void> {
