@@ -172,6 +172,8 @@ export function registerCreate(y: Argv<GlobalArgs>): Argv<GlobalArgs> {
         }
       }
       if (sizeBytes === null) throw new UsageError('give the image SIZE (or a backing file to take it from)');
+      // Refused before "Formatting ..." is printed: create makes image files only.
+      if (outputKind(argv.image) === 'block-device') throw new UsageError(`${argv.image}: is a block device; create makes image files`);
       sizeBytes = roundUp512(sizeBytes);
       const size = process.stderr.isTTY && sizeBytes >= 256 * 1024 * 1024 && (prealloc === 'falloc' || prealloc === 'full');
       const progress = (argv.progress ?? (size && !argv.quiet)) ? new Progress(process.stderr) : null;

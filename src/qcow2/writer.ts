@@ -301,12 +301,18 @@ export class Qcow2Writer {
 
   private async writeZeroBytes(offset: number, length: number): Promise<void> {
     // Bytes that read as zeros already (nothing allocated there, no backing data showing
-    // through) need nothing: no write, no cluster allocated for them (as QEMU does).
-    if ((await this.img.status(offset, length)).every((e) => e.kind === 'zero' || e.kind === 'hole')) return;
-    const chunk = Buffer.alloc(Math.min(length, MAX_RUN_BYTES));
-    for (let pos = offset; pos < offset + length; pos += chunk.length) {
-      const n = Math.min(chunk.length, offset + length - pos);
-      await this.write(chunk.subarray(0, n), pos);
+    // through) need nothing: no write, no cluster allocated for them (as QEMU does). Only the
+    // extents with data get zeros written (a version 2 overlay grown over a sparse backing file
+    // writes zeros where the backing file has data, not over all of it).
+    let chunk: Buffer | null = null;
+    for (const e of await this.img.status(offset, length)) {
+      if (e.kind === 'zero' || e.kind === 'hole') continue;
+      chunk ??= Buffer.alloc(Math.min(length, MAX_RUN_BYTES));
+      const end = e.offset + e.length;
+      for (let pos = e.offset; pos < end; pos += chunk.length) {
+        const n = Math.min(chunk.length, end - pos);
+        await this.write(chunk.subarray(0, n), pos);
+      }
     }
   }
 
