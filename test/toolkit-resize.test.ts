@@ -212,6 +212,16 @@ describe('resize agrees with qemu-img resize', () => {
     expect(run('qemu-img', ['check', v2]).code).toBe(0);
     const r = run('qemu-io', ['-r', '-c', 'read -P 0 16M 32M', '-c', 'read -P 0xab 0 16M', v2]);
     expect(r.stdout + r.stderr).not.toMatch(/Pattern verification failed|error/i);
+    // Over a sparse backing file, zeros only where it has data: 2 MiB written, not 1 GiB.
+    const sparse = path.join(dir, 'sparse.qcow2');
+    qemuImg('create', '-q', '-f', 'qcow2', sparse, '1G');
+    qemuIo(sparse, ['write -P 0x5c 600M 2M']);
+    const v2s = path.join(dir, 'v2s.qcow2');
+    qemuImg('create', '-q', '-f', 'qcow2', '-o', 'compat=0.10', '-b', 'sparse.qcow2', '-F', 'qcow2', v2s, '64M');
+    expect(qcow2fs(['resize', '-q', v2s, '1G']).code).toBe(0);
+    expect(run('qemu-img', ['check', v2s]).code).toBe(0);
+    expect(run('qemu-io', ['-r', '-c', 'read -P 0 64M 960M', v2s]).stdout).not.toMatch(/Pattern verification failed/);
+    expect(fs.statSync(v2s).size).toBeLessThan(8 * M);
   });
 
   it('truncate through the mount refuses to resize a version 2 image with snapshots, as qemu-img does', async () => {
