@@ -8,27 +8,13 @@ import { spawn } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { alive, forceCleanup, waitGone } from './support/daemons';
+import { alive, forceCleanup, ofdLockBytes, waitGone } from './support/daemons';
 import { isMounted, need, qcow2fs, qemuImg, qemuIo, qemuRawSha, removeScratch, run, scratchDir, sha256File, withMount } from './support/env';
 
 let dir: string;
 let image: string;
 
-/** The OFD lock byte ranges held on a file, as "start-end" strings, from /proc/locks. */
-function lockBytes(file: string): string[] {
-  const ino = fs.statSync(file).ino;
-  return fs
-    .readFileSync('/proc/locks', 'utf8')
-    .split('\n')
-    .map((l) => l.trim().split(/\s+/))
-    .filter((f) => f[1] === 'OFDLCK' && f[5]?.endsWith(`:${ino}`))
-    .flatMap((f) => {
-      const out: string[] = [];
-      for (let b = Number(f[6]); b <= Number(f[7]); b++) out.push(`${f[3]}@${b}`);
-      return out;
-    })
-    .sort();
-}
+const lockBytes = ofdLockBytes;
 
 /** Locks qemu-io (with `flags`: -r read-only, -U force-share) holds on `file` while it sits at its prompt. */
 async function qemuIoLocks(file: string, flags: string[]): Promise<string[]> {

@@ -3,6 +3,7 @@ import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { buildCorpus, type CorpusImage } from './toolkit-corpus';
 import { need, qcow2fs, qemuImg, qemuIo, removeScratch, run, scratchDir } from './support/env';
+import { ofdLockBytes } from './support/daemons';
 
 let corpus: CorpusImage[] = [];
 beforeAll(() => {
@@ -409,15 +410,19 @@ describe('toolkit verbs respect QEMU image locks', () => {
     qemuImg('create', '-q', '-f', 'qcow2', base, '4M');
     qemuImg('create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', img);
     // It sleeps far longer than the test runs (killed below): a loaded machine must not see it let go.
-    const holder = spawn('qemu-io', ['-f', 'qcow2', '-c', 'sleep 600000', img], { stdio: 'ignore' });
+    const holder = spawn('qemu-io', ['-f', 'qcow2', '-c', 'sleep 600000', img], { stdio: ['ignore', 'ignore', 'pipe'] });
+    let holderErr = '';
+    holder.stderr.on('data', (d: Buffer) => (holderErr += d.toString()));
     try {
-      // Wait until qemu-io holds its locks (qemu-img check then fails too); a loaded machine may
-      // take a while to start it.
+      // Wait until qemu-io holds its locks, looking at /proc/locks: a probe that opened the image
+      // (qemu-img check) could itself make qemu-io's open fail, if it ran just then.
       const until = Date.now() + 60_000;
-      while (run('qemu-img', ['check', img]).code === 0) {
+      while (ofdLockBytes(img).length === 0) {
+        expect(holder.exitCode, `qemu-io exited: ${holderErr}`).toBeNull();
         expect(Date.now() < until, 'qemu-io took its image locks within 60 s').toBe(true);
-        await new Promise((r) => setTimeout(r, 100));
+        await new Promise((r) => setTimeout(r, 50));
       }
+      expect(run('qemu-img', ['check', img]).code, 'qemu-img check is refused too').not.toBe(0);
       const before = fs.readFileSync(img);
       const out = path.join(dir, 'out.raw');
       for (const args of [['check', img], ['check', '-r', 'all', img], ['resize', img, '8M'], ['commit', img], ['map', img], ['convert', img, out], ['info', '--backing-chain', img]]) {

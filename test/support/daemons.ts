@@ -108,3 +108,19 @@ export function directMapCounters(logFile: string): DirectMapCounters {
   }
   return sum;
 }
+
+/** The OFD lock bytes held on a file, as "TYPE@byte" strings, from /proc/locks (QEMU's image locks). */
+export function ofdLockBytes(file: string): string[] {
+  const ino = fs.statSync(file).ino;
+  return fs
+    .readFileSync('/proc/locks', 'utf8')
+    .split('\n')
+    .map((l) => l.trim().split(/\s+/))
+    .filter((f) => f[1] === 'OFDLCK' && f[5]?.endsWith(`:${ino}`))
+    .flatMap((f) => {
+      const out: string[] = [];
+      for (let b = Number(f[6]); b <= Number(f[7]); b++) out.push(`${f[3]}@${b}`);
+      return out;
+    })
+    .sort();
+}
