@@ -108,7 +108,6 @@ async function backingInfo(image: string, backing: string, format: string | unde
 }
 
 async function createRaw(image: string, sizeBytes: number, prealloc: Preallocation, progress?: (f: number) => void): Promise<void> {
-  if (outputKind(image) === 'block-device') throw new UsageError(`${image}: is a block device; create makes image files`);
   let fh: fs.promises.FileHandle;
   try {
     fh = await fs.promises.open(image, 'w', 0o644);
