@@ -60,15 +60,12 @@ export async function preallocateExtents(
 export async function createQcow2(path: string, opts: Qcow2CreateOptions, prealloc: Preallocation, progress?: PreallocProgress): Promise<void> {
   const w = await Qcow2LayoutWriter.create(path, opts);
   try {
-    // As qemu-img: with extended L2, preallocated clusters keep every subcluster unallocated
-    // (their host cluster is reserved; they read from the backing file, or as zeros without one).
-    const fromBacking = true;
     if (prealloc === 'falloc' || prealloc === 'full') {
-      await w.preallocateAll(fromBacking);
+      await w.preallocateAll();
     } else if (prealloc === 'metadata') {
       const n = w.guestClusters;
       for (let c = 0; c < n; c++) {
-        await w.preallocate(c, fromBacking);
+        await w.preallocate(c);
         if (c % 65536 === 0) progress?.(c / n);
       }
     }

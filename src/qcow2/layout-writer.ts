@@ -147,15 +147,14 @@ export class Qcow2LayoutWriter {
   }
 
   /**
-   * Maps a guest cluster to a new host cluster without writing it (preallocation). With
-   * `fromBacking` (extended L2 only), the cluster's subclusters stay unallocated, so that reads
-   * still come from the backing file.
+   * Maps a guest cluster to a new host cluster without writing it (preallocation). With extended
+   * L2 its subclusters stay unallocated, as qemu-img leaves them: reads still come from the
+   * backing file, or are zeros without one.
    */
-  async preallocate(guestCluster: number, fromBacking = false): Promise<void> {
+  async preallocate(guestCluster: number): Promise<void> {
     const { table, at } = await this.entryFor(guestCluster);
     this.alignTail();
     writeEntry(table, at, this.tail, true);
-    if (this.opts.extendedL2 && !fromBacking) table.writeUInt32BE(0xffffffff, at + 12);
     const last = this.preallocated[this.preallocated.length - 1];
     if (last && last[0] + last[1] === this.tail) last[1] += this.cs;
     else this.preallocated.push([this.tail, this.cs]);
@@ -165,9 +164,9 @@ export class Qcow2LayoutWriter {
   /**
    * Maps every guest cluster at once: all L2 tables first, then one contiguous data area (what
    * qemu-img does for falloc and full preallocation, so the data can be reserved in one piece).
-   * Must be the first mapping call.
+   * Must be the first mapping call. Subclusters stay unallocated, as in preallocate().
    */
-  async preallocateAll(fromBacking = false): Promise<void> {
+  async preallocateAll(): Promise<void> {
     if (this.lastGuestCluster !== -1) throw new Error('internal: preallocateAll after other mappings');
     const n = this.guestClusters;
     const tables = Math.ceil(n / this.l2Entries);
@@ -181,7 +180,6 @@ export class Qcow2LayoutWriter {
       for (let g = first; g < end; g++) {
         const at = (g - first) * this.entryBytes;
         writeEntry(table, at, dataStart + g * this.cs, true);
-        if (this.opts.extendedL2 && !fromBacking) table.writeUInt32BE(0xffffffff, at + 12);
       }
       this.l1[i] = l2Start + i * this.cs;
       this.tail = l2Start + i * this.cs;
