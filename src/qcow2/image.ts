@@ -180,13 +180,9 @@ export class Qcow2Image implements BlockDevice {
 
     let snapshots: SnapshotEntry[] = [];
     if (header.nbSnapshots > 0) {
-      const decoded = await readSnapshotTable(file, header.snapshotsOffset, header.nbSnapshots, { version: header.version, clusterSize: cs, fileSize });
+      const ctx = { version: header.version, clusterSize: cs, fileSize, bytesPerL1Entry: cs * g.l2Entries, diskSize: header.sizeBytes };
+      const decoded = await readSnapshotTable(file, header.snapshotsOffset, header.nbSnapshots, ctx);
       snapshots = decoded.entries;
-      // An L1 table too small for the snapshot's disk is damage too (QEMU finds it on use).
-      for (const sn of snapshots) {
-        const needed = Math.ceil((sn.diskSizeBytes ?? header.sizeBytes) / (cs * g.l2Entries));
-        if (!sn.damage && sn.l1Size < needed) sn.damage = `l1_size ${sn.l1Size} is too small for its disk size (needs ${needed})`;
-      }
       const snapRegion = { offset: header.snapshotsOffset, length: roundUp(decoded.tableBytes), what: 'snapshot table' };
       for (const r of regions) {
         if (rangesOverlap(snapRegion.offset, snapRegion.length, r.offset, r.length)) {
@@ -202,8 +198,6 @@ export class Qcow2Image implements BlockDevice {
       if (opts.snapshot.damage) throw new ImageError(`snapshot ${opts.snapshot.name} (id ${opts.snapshot.id}) is damaged: ${opts.snapshot.damage}`, file.path);
       l1Offset = opts.snapshot.l1TableOffset;
       l1Size = opts.snapshot.l1Size;
-      const needed = Math.ceil((opts.snapshot.diskSizeBytes ?? header.sizeBytes) / (cs * g.l2Entries));
-      if (l1Size < needed) throw new ImageError(`snapshot ${opts.snapshot.name}: l1_size ${l1Size} is too small for its disk size`, file.path);
     }
     const l1 = await readL1(file, l1Offset, l1Size, cs, fileSize, regions, opts.snapshot ? `snapshot ${opts.snapshot.name} ` : '');
 
@@ -501,7 +495,7 @@ async function readSnapshotTable(
   file: HostFile,
   offset: number,
   count: number,
-  ctx: { version: number; clusterSize: number; fileSize: number },
+  ctx: Parameters<typeof decodeSnapshotTable>[2],
 ): Promise<ReturnType<typeof decodeSnapshotTable>> {
   const most = Math.min(ctx.fileSize - offset, MAX_SNAPSHOT_TABLE_BYTES);
   let want = Math.min(most, Math.max(64 * 1024, count * 1024));

@@ -25,7 +25,7 @@ export interface SnapshotEntry {
   entryBytes: number;
   /**
    * Why this snapshot's L1 table cannot be used (unaligned, out of range, past the end of the
-   * file), if so. As QEMU, the image still opens and lists it; reading, applying or deleting it
+   * file, too small for the snapshot's disk), if so. As QEMU, the image still opens and lists it; reading, applying or deleting it
    * is refused (check reports it).
    */
   damage?: string;
@@ -38,7 +38,8 @@ export interface SnapshotEntry {
 export function decodeSnapshotTable(
   table: Buffer,
   count: number,
-  ctx: { version: number; clusterSize: number; fileSize: number },
+  /** bytesPerL1Entry: guest bytes one L1 entry maps; diskSize: the image's, for snapshots that record none. */
+  ctx: { version: number; clusterSize: number; fileSize: number; bytesPerL1Entry: number; diskSize: number },
 ): { entries: SnapshotEntry[]; tableBytes: number } {
   const entries: SnapshotEntry[] = [];
   let off = 0;
@@ -79,6 +80,10 @@ export function decodeSnapshotTable(
     else if (l1Size * 8 > MAX_L1_BYTES) damage = `l1_size ${l1Size} is too large`;
     else if (l1Size > 0 && (l1TableOffset === 0 || l1TableOffset % ctx.clusterSize !== 0)) damage = `l1_table_offset 0x${l1TableOffset.toString(16)} is not aligned to the cluster size`;
     else if (l1Size > 0 && l1TableOffset + l1Size * 8 > ctx.fileSize) damage = `l1_table_offset 0x${l1TableOffset.toString(16)} + l1_size ${l1Size} lies past the end of the file`;
+    else {
+      const needed = Math.ceil((diskSizeBytes ?? ctx.diskSize) / ctx.bytesPerL1Entry);
+      if (l1Size < needed) damage = `l1_size ${l1Size} is too small for its disk size (needs ${needed})`;
+    }
     const entryBytes = Math.ceil((end - off) / 8) * 8;
     entries.push({
       l1TableOffset,
