@@ -214,7 +214,7 @@ export class Qcow2LayoutWriter {
     const room = (offset: number): boolean => offset % cs === 0 || (this.shared.get(Math.floor(offset / cs)) ?? 1) < this.maxRefcount;
     let start: number;
     // The room is behind the tail once something else was appended after the compressed data.
-    const inGap = this.zNext !== this.tail && this.zNext < this.zEnd && this.zEnd <= this.tail && this.zNext + bytes.length <= this.zEnd && room(this.zNext);
+    const inGap = this.zEnd <= this.tail && this.zNext + bytes.length <= this.zEnd && room(this.zNext);
     if (inGap) {
       start = this.zNext;
     } else {
