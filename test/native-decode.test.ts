@@ -19,6 +19,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import * as zlib from 'node:zlib';
+import { peakRssBytes } from '../src/bench/host';
 import { compressCluster } from '../src/qcow2/codec';
 import { COMPRESSION_ZSTD } from '../src/qcow2/header';
 import { need, qemuImg, qemuIo, removeScratch, rng, run, scratchDir, seededBytes, withMount } from './support/env';
@@ -332,8 +333,7 @@ describe('a deep queue of reads of 2 MiB compressed clusters', () => {
         expect(out.stdout + out.stderr).not.toMatch(/Pattern verification failed|error|failed/i);
         expect((out.stdout.match(/read 65536\/65536 bytes/g) ?? []).length).toBe(4 * clusters);
         const [pid] = daemonPids(mp);
-        const hwm = /^VmHWM:\s+(\d+)\s+kB/m.exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'));
-        expect(Number(hwm![1]) * 1024, 'the daemon\'s peak memory').toBeLessThan(200 * MiB);
+        expect(peakRssBytes(pid!), 'the daemon\'s peak memory').toBeLessThan(200 * MiB);
       });
       const s = directMapCounters(logFile);
       if (env.QCOW2FS_NO_NATIVE_DECODE) expect(s.decoded).toBe(0);
